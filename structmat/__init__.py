@@ -1,0 +1,39 @@
+"""structmat: structured linear operators as tensor networks, with rank, cost and path queries from shapes alone.
+
+Example:
+    >>> import torch, structmat as sm
+    >>> A = sm.Dense(64, 8) @ sm.Dense(8, 64) + 0.5 * sm.Identity(64)
+    >>> A(torch.randn(3, 64)).shape
+    torch.Size([3, 64])
+    >>> A.rank().bound, A.cost(batch=1).flops
+    (64, 2112)
+"""
+
+from ._base import LinearOperator
+from ._cost import Contraction, Cost, Rank
+from .combinators import BlockDiagonal, Kronecker, Product, Scaled, Sum, Transpose, block_diag, kron
+from .operators import Dense, Diagonal, Identity, Permutation, TensorNetwork
+from .rank import numerical_rank
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LinearOperator",
+    "Cost",
+    "Rank",
+    "Contraction",
+    "Dense",
+    "Diagonal",
+    "Identity",
+    "Permutation",
+    "TensorNetwork",
+    "Sum",
+    "Product",
+    "Transpose",
+    "Kronecker",
+    "BlockDiagonal",
+    "Scaled",
+    "kron",
+    "block_diag",
+    "numerical_rank",
+]

@@ -1,0 +1,261 @@
+"""The one operator base class. A family says what its tensor network is (``_lower``); the rest is derived here."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ._cost import Cost, Rank
+from ._nodes import Node
+
+__all__ = ["LinearOperator"]
+
+
+def _check_size(owner: str, what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {what} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{owner}: {what} must be >= 1, got {value}")
+    return int(value)
+
+
+class LinearOperator(torch.nn.Module):
+    """A structured linear map ``A`` of shape ``(m, n)``, applied like ``nn.Linear`` to the last dim.
+
+    Subclasses implement one hook, ``_lower()``, which returns the operator's execution node (a tensor network, or a
+    sum/chain of them). Application, ``dense()``, ``rank()``, ``cost()``, transposition and composition all come from
+    that node. The structure is fixed at construction; parameter values may change freely.
+
+    Example:
+        >>> import torch, structmat as sm
+        >>> _ = torch.manual_seed(0)
+        >>> A = sm.Dense(5, 3) @ sm.Dense(3, 7)
+        >>> A.shape
+        (5, 7)
+        >>> x = torch.randn(2, 7)
+        >>> torch.allclose(A(x), x @ A.dense().T, atol=1e-6)
+        True
+        >>> A.rank().bound, A.cost(batch=4).flops
+        (3, 144)
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        super().__init__()
+        kind = type(self).__name__
+        m = _check_size(kind, "m (rows)", shape[0])
+        n = _check_size(kind, "n (columns)", shape[1])
+        self._shape = (m, n)
+
+    # -- the hook ----------------------------------------------------------------------------------------------------
+    def _lower(self) -> Node:
+        raise NotImplementedError  # abstract
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        """The operators this one is built from (for printing); leaves have none."""
+        return ()
+
+    @property
+    def _node(self) -> Node:
+        node = self.__dict__.get("_lowered")
+        if node is None:
+            node = self._lower()
+            self.__dict__["_lowered"] = node
+        return node
+
+    # -- basic facts -------------------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)``: the operator maps ``(..., n)`` to ``(..., m)``."""
+        return self._shape
+
+    @property
+    def name(self) -> str:
+        """Short name for messages, e.g. ``Dense(5, 3)``."""
+        return f"{type(self).__name__}({self._shape[0]}, {self._shape[1]})"
+
+    def _tensors(self) -> Iterable[torch.Tensor]:
+        yield from self.parameters()
+        yield from self.buffers()
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """dtype of the parameters (None for an operator with none, such as ``Identity``)."""
+        for t in self._tensors():
+            return t.dtype
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters (cpu for an operator with none)."""
+        for t in self._tensors():
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameter elements; a parameter shared by two places counts once."""
+        return sum(p.numel() for p in self.parameters())
+
+    # -- application -------------------------------------------------------------------------------------------------
+    def _check_input(self, x: Any, what: str = "input") -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.name}: {what} must be a torch.Tensor, got {type(x).__name__}")
+        n = self._shape[1]
+        if x.ndim == 0 or x.shape[-1] != n:
+            raise ValueError(f"{self.name}: {what} must have shape (..., {n}), got {tuple(x.shape)}")
+        dtype = self.dtype
+        if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{self.name}: {what} has dtype {x.dtype} but the operator's parameters are {dtype}")
+        if dtype is not None and x.device != self.device:
+            raise ValueError(f"{self.name}: {what} is on {x.device} but the operator's parameters are on {self.device}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply to the last dim: ``(..., n) -> (..., m)``."""
+        self._check_input(x)
+        m, n = self._shape
+        lead = x.shape[:-1]
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if x.numel() == 0:
+            return x.new_zeros(*lead, m)
+        return self._node.apply(x.reshape(-1, n)).reshape(*lead, m)
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, LinearOperator):
+            from .combinators import Product
+
+            return Product(self, other)
+        if isinstance(other, torch.Tensor):
+            if other.ndim == 1:
+                return self(other)
+            if other.ndim < 1 or other.shape[-2] != self._shape[1]:
+                raise ValueError(
+                    f"{self.name} @ tensor: tensor must have shape (..., {self._shape[1]}, k), got {tuple(other.shape)}"
+                )
+            self._check_input(other.mT, "tensor")
+            return self(other.mT).mT
+        return NotImplemented
+
+    def __rmatmul__(self, other: Any) -> Any:
+        if isinstance(other, torch.Tensor):
+            if other.ndim == 0 or other.shape[-1] != self._shape[0]:
+                raise ValueError(
+                    f"tensor @ {self.name}: tensor must have shape (..., {self._shape[0]}), got {tuple(other.shape)}"
+                )
+            return self.T(other)
+        return NotImplemented
+
+    # -- algebra -----------------------------------------------------------------------------------------------------
+    def __add__(self, other: Any) -> Any:
+        if isinstance(other, LinearOperator):
+            from .combinators import Sum
+
+            return Sum(self, other)
+        return NotImplemented
+
+    def __radd__(self, other: Any) -> Any:
+        if isinstance(other, numbers.Number) and other == 0:  # so that sum([A, B]) works
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: Any) -> Any:
+        if isinstance(other, LinearOperator):
+            from .combinators import Scaled, Sum
+
+            return Sum(self, Scaled(other, -1.0))
+        return NotImplemented
+
+    def __mul__(self, c: Any) -> Any:
+        from .combinators import Scaled
+
+        if isinstance(c, numbers.Real) and not isinstance(c, bool):
+            return Scaled(self, float(c))
+        if isinstance(c, torch.Tensor) or isinstance(c, LinearOperator):
+            raise TypeError(
+                f"{self.name} * {type(c).__name__}: an operator is scaled by a real number; use @ to compose "
+                "operators and Diagonal for an elementwise scale"
+            )
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: Any) -> Any:
+        if isinstance(c, numbers.Real) and not isinstance(c, bool):
+            if c == 0:
+                raise ValueError(f"{self.name} / 0: division by zero")
+            return self * (1.0 / float(c))
+        return NotImplemented
+
+    def __neg__(self) -> LinearOperator:
+        return self * -1.0
+
+    @property
+    def T(self) -> LinearOperator:  # noqa: N802 - the matrix convention
+        """The transpose; it shares this operator's parameters."""
+        from .combinators import Transpose
+
+        return Transpose(self)
+
+    # -- queries -----------------------------------------------------------------------------------------------------
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The ``(m, n)`` matrix, by applying the operator to the identity (use only when it fits in memory).
+
+        Args:
+            dtype: for an operator without parameters (``Identity``, ``Permutation``), the dtype of the result
+                (torch's default when None); an operator with parameters returns their dtype and rejects another.
+        """
+        m, n = self._shape
+        own = self.dtype
+        if own is not None and dtype is not None and dtype != own:
+            raise TypeError(f"{self.name}.dense(dtype={dtype}): the operator's parameters are {own}")
+        dtype = own or dtype or torch.get_default_dtype()
+        eye = torch.eye(n, dtype=dtype, device=self.device)
+        return self._node.apply(eye).T
+
+    def rank(self) -> Rank:
+        """A bound on the rank from the structure alone; ``.exact`` when it is the rank for generic parameters."""
+        return self._node.rank()
+
+    def cost(self, batch: int = 1) -> Cost:
+        """Forward cost of applying the operator to ``batch`` vectors, from shapes alone (no data touched)."""
+        batch = _check_size(f"{self.name}.cost", "batch", batch)
+        return self._node.cost(batch)
+
+    # -- printing ----------------------------------------------------------------------------------------------------
+    def _summary(self) -> str:
+        r = self.rank()
+        return (
+            f"{self.name}  params={self.num_params:,}  rank<={r.bound}{' (exact)' if r.exact else ''}"
+            f"  flops/vec={self.cost(1).flops:,}"
+        )
+
+    def _tree(self, prefix: str = "") -> list[str]:
+        lines = []
+        ops = self._operands()
+        for k, op in enumerate(ops):
+            last = k == len(ops) - 1
+            lines.append(prefix + ("└─ " if last else "├─ ") + op._summary())
+            lines.extend(op._tree(prefix + ("   " if last else "│  ")))
+        return lines
+
+    def __repr__(self) -> str:
+        return "\n".join([self._summary(), *self._tree()])
+
+
+def check_compatible(kind: str, ops: Sequence[LinearOperator]) -> None:
+    """Raise when operators mix dtypes or devices (composites never move data)."""
+    for op in ops:
+        if not isinstance(op, LinearOperator):
+            raise TypeError(f"{kind}: expected LinearOperator operands, got {type(op).__name__}")
+    typed = [op for op in ops if op.dtype is not None]
+    dtypes = {op.dtype for op in typed}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{op.name} {op.dtype}" for op in typed)
+        raise TypeError(f"{kind}: operators have different dtypes: {listing}")
+    devices = {op.device for op in typed}
+    if len(devices) > 1:
+        listing = ", ".join(f"{op.name} on {op.device}" for op in typed)
+        raise ValueError(f"{kind}: operators are on different devices: {listing}")

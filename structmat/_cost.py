@@ -1,0 +1,86 @@
+"""Result objects of the shape-only queries: :class:`Cost` and :class:`Rank`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Cost", "Rank", "Contraction"]
+
+
+@dataclass(frozen=True)
+class Contraction:
+    """One network's einsum (batch label ``z``) and opt_einsum's path for it, with its own counts."""
+
+    equation: str
+    shapes: tuple[tuple[int, ...], ...]
+    path: tuple[tuple[int, ...], ...]
+    flops: int
+    macs: int
+    largest_intermediate: int
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Forward cost of applying an operator to ``batch`` vectors, from shapes alone.
+
+    Attributes:
+        shape: the operator's ``(m, n)``.
+        batch: number of input vectors.
+        flops: floating-point operations in opt_einsum's convention (a multiply-add counts 2), summed over every
+            einsum of the operator plus the additions that join sums and the multiplies that apply scalars.
+        macs: multiply(-add)s, the convention of fvcore and of the attention paper: one per multiplication.
+        dense_flops: ``2 * m * n * batch``, the cost of the same map as a dense matrix.
+        largest_intermediate: the most elements any intermediate tensor holds (inputs excluded).
+        contractions: every einsum, in execution order, with its opt_einsum path.
+    """
+
+    shape: tuple[int, int]
+    batch: int
+    flops: int
+    macs: int
+    largest_intermediate: int
+    contractions: tuple[Contraction, ...] = field(default=())
+
+    @property
+    def dense_flops(self) -> int:
+        return 2 * self.shape[0] * self.shape[1] * self.batch
+
+    @property
+    def speedup(self) -> float:
+        """``dense_flops / flops`` (infinite for a free operator such as a permutation)."""
+        return self.dense_flops / self.flops if self.flops else float("inf")
+
+    @property
+    def path(self) -> tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]:
+        """``(equation, opt_einsum path)`` of each einsum, in execution order."""
+        return tuple((c.equation, c.path) for c in self.contractions)
+
+    def __str__(self) -> str:
+        m, n = self.shape
+        lines = [
+            f"  Operator shape: ({m}, {n}), batch: {self.batch}",
+            f"  FLOPs (multiply-add = 2): {self.flops:,}",
+            f"  MACs: {self.macs:,}",
+            f"  Dense FLOPs: {self.dense_flops:,}",
+            f"  Speedup over dense: {self.speedup:.4g}",
+            f"  Largest intermediate: {self.largest_intermediate:,} elements",
+        ]
+        for k, c in enumerate(self.contractions):
+            lines.append(f"  einsum {k}: {c.equation}  path {list(c.path)}  flops {c.flops:,}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Rank:
+    """A rank bound from the network's structure.
+
+    Attributes:
+        bound: an upper bound on the rank, for every value of the parameters.
+        exact: True when the bound is the rank for generic (e.g. random) parameter values.
+    """
+
+    bound: int
+    exact: bool
+
+    def __int__(self) -> int:
+        return self.bound

@@ -1,0 +1,404 @@
+"""The tensor network: the one representation under every operator.
+
+A :class:`Network` maps ``x`` of shape ``(B, n)`` to ``y`` of shape ``(B, m)`` by one einsum. The input dim ``n`` is
+split row-major into labelled *input modes*, the output dim ``m`` into *output modes*; *factors* are tensors with one
+label per axis. ``y[out] = scale * sum over every other label of (product of factors) * x[in]``.
+
+A label that is both an input and an output mode is a *diagonal* mode (the block label of a block-diagonal matrix).
+Labels are small ints, private to one network; :meth:`Network.relabel` moves them apart before two networks meet.
+
+Everything here works on shapes alone: no tensor data is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+__all__ = ["Factor", "Network", "fuse", "kron_networks", "refine"]
+
+Mode = tuple[int, int]  # (label, size)
+
+
+@dataclass(frozen=True, eq=False)
+class Factor:
+    """One tensor of a network: where to fetch it, its labels and the shape it takes in the network.
+
+    ``owner`` and ``name`` say where the tensor lives (``getattr(owner, name)``), so parameters are looked up at
+    apply time and a replaced or moved parameter is always the one used. ``shape`` may refine the stored tensor's
+    shape row-major (one axis split into several): the tensor is reshaped, never copied, when it is contiguous.
+    """
+
+    owner: torch.nn.Module
+    name: str
+    labels: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def fetch(self) -> torch.Tensor:
+        t = getattr(self.owner, self.name)
+        return t if tuple(t.shape) == self.shape else t.reshape(self.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (id(self.owner), self.name)
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """A single tensor network: ``y[out_modes] = scale * contract(factors, x[in_modes])``."""
+
+    factors: tuple[Factor, ...]
+    in_modes: tuple[Mode, ...]
+    out_modes: tuple[Mode, ...]
+    scale: float = 1.0
+
+    # -- shapes -----------------------------------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return math.prod(s for _, s in self.in_modes)
+
+    @property
+    def m(self) -> int:
+        return math.prod(s for _, s in self.out_modes)
+
+    def sizes(self) -> dict[int, int]:
+        """Size of every label (the constructor of each network checks they agree)."""
+        out: dict[int, int] = {}
+        for f in self.factors:
+            out.update(zip(f.labels, f.shape))
+        out.update(self.in_modes)
+        out.update(self.out_modes)
+        return out
+
+    def labels(self) -> list[int]:
+        seen: dict[int, None] = {}
+        for lab, _ in self.in_modes:
+            seen[lab] = None
+        for f in self.factors:
+            for lab in f.labels:
+                seen[lab] = None
+        for lab, _ in self.out_modes:
+            seen[lab] = None
+        return list(seen)
+
+    def diagonal_labels(self) -> set[int]:
+        return {lab for lab, _ in self.in_modes} & {lab for lab, _ in self.out_modes}
+
+    # -- rewriting --------------------------------------------------------------------------------------------------
+    def relabel(self, mapping: dict[int, int]) -> Network:
+        def f(lab: int) -> int:
+            return mapping.get(lab, lab)
+
+        return Network(
+            factors=tuple(replace(fa, labels=tuple(f(lab) for lab in fa.labels)) for fa in self.factors),
+            in_modes=tuple((f(lab), s) for lab, s in self.in_modes),
+            out_modes=tuple((f(lab), s) for lab, s in self.out_modes),
+            scale=self.scale,
+        )
+
+    def shifted(self, offset: int) -> Network:
+        return self.relabel({lab: lab + offset for lab in self.labels()})
+
+    def max_label(self) -> int:
+        return max(self.labels(), default=-1)
+
+    def transpose(self) -> Network:
+        return Network(self.factors, self.out_modes, self.in_modes, self.scale)
+
+    def scaled(self, c: float) -> Network:
+        return replace(self, scale=self.scale * c)
+
+    def squeeze(self) -> Network:
+        """Drop size-1 modes from the input and output lists (a size-1 label left in a factor is summed, harmlessly)."""
+        return replace(
+            self,
+            in_modes=tuple(md for md in self.in_modes if md[1] != 1),
+            out_modes=tuple(md for md in self.out_modes if md[1] != 1),
+        )
+
+    def split(self, label: int, parts: tuple[int, ...], new_labels: tuple[int, ...]) -> Network:
+        """Split ``label`` row-major into ``new_labels`` of sizes ``parts`` everywhere it appears."""
+
+        def modes(ms: tuple[Mode, ...]) -> tuple[Mode, ...]:
+            out: list[Mode] = []
+            for lab, s in ms:
+                out.extend(zip(new_labels, parts) if lab == label else [(lab, s)])
+            return tuple(out)
+
+        factors = []
+        for fa in self.factors:
+            labs: list[int] = []
+            shape: list[int] = []
+            for lab, s in zip(fa.labels, fa.shape):
+                if lab == label:
+                    labs.extend(new_labels)
+                    shape.extend(parts)
+                else:
+                    labs.append(lab)
+                    shape.append(s)
+            factors.append(replace(fa, labels=tuple(labs), shape=tuple(shape)))
+        return Network(tuple(factors), modes(self.in_modes), modes(self.out_modes), self.scale)
+
+    def padded(self, left: int, right: int) -> Network:
+        """``I_left ⊗ self ⊗ I_right``: identity factors become diagonal modes (no tensor, no flops)."""
+        nxt = self.max_label() + 1
+        pre: tuple[Mode, ...] = ((nxt, left),) if left > 1 else ()
+        post: tuple[Mode, ...] = ((nxt + 1, right),) if right > 1 else ()
+        return Network(self.factors, pre + self.in_modes + post, pre + self.out_modes + post, self.scale)
+
+    # -- einsum ------------------------------------------------------------------------------------------------------
+    def equation(self) -> tuple[str, list[tuple[int, ...]], int]:
+        """The einsum equation with the batch as the first label of ``x`` and of the output.
+
+        Returns ``(equation, factor shapes, position of x among the operands)``; x is operand 0.
+        """
+        letters: dict[int, str] = {}
+        alphabet = "abcdefghijklmnopqrstuvwxyABCDEFGHIJKLMNOPQRSTUVWXYZ"  # 'z' is the batch
+        for lab in self.labels():
+            if len(letters) == len(alphabet):
+                raise ValueError(
+                    f"Network with {len(self.labels())} labels: an einsum takes at most {len(alphabet)} labels"
+                )
+            letters[lab] = alphabet[len(letters)]
+        xs = "z" + "".join(letters[lab] for lab, _ in self.in_modes)
+        fs = ["".join(letters[lab] for lab in fa.labels) for fa in self.factors]
+        ys = "z" + "".join(letters[lab] for lab, _ in self.out_modes)
+        return ",".join([xs, *fs]) + "->" + ys, [fa.shape for fa in self.factors], 0
+
+    # -- rank --------------------------------------------------------------------------------------------------------
+    def min_cut(self) -> tuple[int, frozenset[int]]:
+        """Smallest product of label sizes whose removal separates the input from the output.
+
+        Diagonal labels are left out (they multiply the rank instead). Returns ``(product, labels cut)``.
+        """
+        diag = self.diagonal_labels()
+        sizes = self.sizes()
+        ins = {lab for lab, _ in self.in_modes} - diag
+        outs = {lab for lab, _ in self.out_modes} - diag
+        edges: dict[int, set[Any]] = {}
+        for k, fa in enumerate(self.factors):
+            for lab in fa.labels:
+                if lab not in diag:
+                    edges.setdefault(lab, set()).add(k)
+        for lab in ins:
+            edges.setdefault(lab, set()).add("S")
+        for lab in outs:
+            edges.setdefault(lab, set()).add("T")
+        return _hyper_min_cut(edges, sizes)
+
+    def is_tree(self) -> bool:
+        """True when the factors and the labels joining two or more of them form a forest (diagonal labels aside)."""
+        diag = self.diagonal_labels()
+        members: dict[int, set[int]] = {}
+        for k, fa in enumerate(self.factors):
+            for lab in fa.labels:
+                if lab not in diag:
+                    members.setdefault(lab, set()).add(k)
+        for k, fa in enumerate(self.factors):
+            if len(set(fa.labels)) != len(fa.labels):
+                return False
+        hyper = [ms for ms in members.values() if len(ms) >= 2]
+        nodes = len(self.factors) + len(hyper)
+        n_edges = sum(len(ms) for ms in hyper)
+        parent = list(range(nodes))
+
+        def find(a: int) -> int:
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        for h, ms in enumerate(hyper):
+            for k in ms:
+                ra, rb = find(len(self.factors) + h), find(k)
+                if ra == rb:
+                    return False
+                parent[ra] = rb
+        return n_edges == nodes - len({find(v) for v in range(nodes)})
+
+    def rank_bound(self) -> tuple[int, bool]:
+        if self.scale == 0:
+            return 0, True
+        diag = math.prod(s for lab, s in self.in_modes if lab in self.diagonal_labels())
+        cut, _ = self.min_cut()
+        bound = min(diag * cut, self.m, self.n)
+        return bound, self.is_tree()
+
+    # -- fans, for initialization ------------------------------------------------------------------------------------
+    def factor_fans(self) -> list[tuple[int, int]]:
+        """``(fan_in, fan_out)`` of every factor: the sizes of its labels toward the input and toward the output.
+
+        A label is toward the input when it is an input mode or joins a factor nearer to the input (breadth-first
+        distance through shared labels); diagonal labels count on neither side.
+        """
+        diag = self.diagonal_labels()
+        ins = {lab for lab, _ in self.in_modes}
+        holders: dict[int, list[int]] = {}
+        for k, fa in enumerate(self.factors):
+            for lab in fa.labels:
+                holders.setdefault(lab, []).append(k)
+        dist = [math.inf] * len(self.factors)
+        queue: deque[int] = deque()
+        for k, fa in enumerate(self.factors):
+            if any(lab in ins and lab not in diag for lab in fa.labels):
+                dist[k] = 0
+                queue.append(k)
+        while queue:
+            k = queue.popleft()
+            for lab in self.factors[k].labels:
+                for j in holders[lab]:
+                    if dist[j] == math.inf:
+                        dist[j] = dist[k] + 1
+                        queue.append(j)
+        fans = []
+        for k, fa in enumerate(self.factors):
+            fan_in = fan_out = 1
+            for lab, s in zip(fa.labels, fa.shape):
+                if lab in diag:
+                    continue
+                toward_input = (lab in ins) or any(dist[j] < dist[k] for j in holders[lab] if j != k)
+                if toward_input:
+                    fan_in *= s
+                else:
+                    fan_out *= s
+            fans.append((fan_in, fan_out))
+        return fans
+
+
+# -- combining networks -----------------------------------------------------------------------------------------------
+def refine(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]] | None:
+    """Common row-major refinement of two splits of the same size, or None when there is none.
+
+    Returns, for each mode of ``a`` and of ``b``, the sizes of the pieces it splits into.
+
+    >>> refine((4, 6), (2, 12))
+    ([(2, 2), (6,)], [(2,), (2, 6)])
+    >>> refine((4, 6), (6, 4)) is None
+    True
+    """
+    cuts_a = _prefix_products(a)
+    cuts_b = _prefix_products(b)
+    cuts = sorted(set(cuts_a) | set(cuts_b))
+    prev = 1
+    for c in cuts:
+        if c % prev:
+            return None
+        prev = c
+
+    def pieces(split: tuple[int, ...]) -> list[tuple[int, ...]]:
+        out = []
+        lo = 1
+        for s in split:
+            hi = lo * s
+            inner = [c for c in cuts if lo < c <= hi]
+            parts = []
+            last = lo
+            for c in inner:
+                parts.append(c // last)
+                last = c
+            out.append(tuple(parts) if parts else (1,))
+            lo = hi
+        return out
+
+    return pieces(a), pieces(b)
+
+
+def _prefix_products(split: tuple[int, ...]) -> list[int]:
+    out, p = [], 1
+    for s in split:
+        p *= s
+        out.append(p)
+    return out
+
+
+def fuse(a: Network, b: Network) -> Network | None:
+    """The network of ``a @ b`` (b's outputs joined to a's inputs) when the splits refine; otherwise None."""
+    a = a.squeeze()
+    b = b.squeeze().shifted(a.max_label() + 1)
+    plan = refine(tuple(s for _, s in b.out_modes), tuple(s for _, s in a.in_modes))
+    if plan is None:
+        return None
+    pieces_b, pieces_a = plan
+    nxt = max(a.max_label(), b.max_label()) + 1
+    for (lab, _), parts in zip(list(b.out_modes), pieces_b):
+        if len(parts) > 1:
+            new = tuple(range(nxt, nxt + len(parts)))
+            nxt += len(parts)
+            b = b.split(lab, parts, new)
+    for (lab, _), parts in zip(list(a.in_modes), pieces_a):
+        if len(parts) > 1:
+            new = tuple(range(nxt, nxt + len(parts)))
+            nxt += len(parts)
+            a = a.split(lab, parts, new)
+    mapping = {la: lb for (la, _), (lb, _) in zip(a.in_modes, b.out_modes)}
+    a = a.relabel(mapping)
+    return Network(a.factors + b.factors, b.in_modes, a.out_modes, a.scale * b.scale)
+
+
+def kron_networks(nets: list[Network]) -> Network:
+    """The network of ``nets[0] ⊗ nets[1] ⊗ ...``: disjoint labels side by side."""
+    out = nets[0]
+    for net in nets[1:]:
+        net = net.shifted(out.max_label() + 1)
+        out = Network(
+            out.factors + net.factors,
+            out.in_modes + net.in_modes,
+            out.out_modes + net.out_modes,
+            out.scale * net.scale,
+        )
+    return out
+
+
+# -- min cut on a hypergraph with multiplicative capacities ------------------------------------------------------------
+def _hyper_min_cut(edges: dict[int, set[Any]], sizes: dict[int, int]) -> tuple[int, frozenset[int]]:
+    """Min over S-T cuts of the product of the sizes of the hyperedges cut (max-flow on log sizes)."""
+    graph: dict[Any, dict[Any, float]] = {"S": {}, "T": {}}
+
+    def add(u: Any, v: Any, cap: float) -> None:
+        graph.setdefault(u, {})
+        graph.setdefault(v, {})
+        graph[u][v] = graph[u].get(v, 0.0) + cap
+        graph[v].setdefault(u, 0.0)
+
+    for lab, ends in edges.items():
+        if len(ends) < 2:
+            continue
+        ea, eb = ("in", lab), ("out", lab)
+        add(ea, eb, math.log2(sizes[lab]) if sizes[lab] > 1 else 0.0)
+        for v in ends:
+            add(v, ea, math.inf)
+            add(eb, v, math.inf)
+    eps = 1e-9
+    while True:  # Edmonds-Karp
+        parent: dict[Any, Any] = {"S": None}
+        queue: deque[Any] = deque(["S"])
+        while queue and "T" not in parent:
+            u = queue.popleft()
+            for v, cap in graph[u].items():
+                if cap > eps and v not in parent:
+                    parent[v] = u
+                    queue.append(v)
+        if "T" not in parent:
+            break
+        path = []
+        v = "T"
+        while parent[v] is not None:
+            path.append((parent[v], v))
+            v = parent[v]
+        push = min(graph[u][v] for u, v in path)
+        if push == math.inf:  # an uncuttable path: only diagonal labels could do that, and those are removed
+            raise ValueError("Network: input and output are joined by a path with no label to cut")
+        for u, v in path:
+            graph[u][v] -= push
+            graph[v][u] += push
+    reach = set(parent)
+    cut = frozenset(lab for lab in edges if ("in", lab) in reach and ("out", lab) not in reach)
+    return math.prod(sizes[lab] for lab in cut), cut

@@ -1,0 +1,417 @@
+"""Execution nodes: what an operator lowers to.
+
+An operator lowers once (its structure is fixed) to a small tree of nodes. Each node maps ``(B, n) -> (B, m)`` and
+answers ``cost(batch)`` and ``rank()`` from shapes alone:
+
+- :class:`NetNode` — one tensor network, run as one einsum with a path planned once per batch size;
+- :class:`SumNode` — a sum of nodes, each reading a slice of the input and adding into a slice of the output
+  (a plain sum uses the full slices; a block-diagonal uses disjoint ones);
+- :class:`ChainNode` — a product that could not fuse into one network: apply right to left;
+- :class:`KronNode` — a Kronecker product of nodes that are not all single networks;
+- :class:`GatherNode` — a general permutation of the coordinates.
+
+The combinators build nodes through :func:`compose`, :func:`add`, :func:`kron` and :func:`block_diag`, which fuse
+networks wherever the design allows (products whose mode splits refine, Kroneckers of networks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import opt_einsum as oe
+import torch
+
+from ._cost import Contraction, Cost, Rank
+from ._network import Network, fuse, kron_networks
+
+__all__ = [
+    "Node",
+    "NetNode",
+    "SumNode",
+    "ChainNode",
+    "KronNode",
+    "GatherNode",
+    "compose",
+    "add",
+    "kron",
+    "block_diag",
+]
+
+_PLAN_CACHE_SIZE = 64
+_einsum = getattr(torch._VF, "einsum", None)  # torch.einsum's own C++ entry point, which accepts a path
+
+
+class Node:
+    """Base of the execution nodes (internal; not part of the public API)."""
+
+    m: int
+    n: int
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B, m)
+        raise NotImplementedError  # abstract
+
+    def cost(self, batch: int) -> Cost:
+        raise NotImplementedError  # abstract
+
+    def rank(self) -> Rank:
+        raise NotImplementedError  # abstract
+
+    def transpose(self) -> Node:
+        raise NotImplementedError  # abstract
+
+    def scaled(self, c: float) -> Node:
+        raise NotImplementedError  # abstract
+
+    def networks(self) -> list[Network]:
+        raise NotImplementedError  # abstract
+
+
+def _combine(shape: tuple[int, int], batch: int, parts: list[Cost], flops: int = 0, inter: int = 0) -> Cost:
+    return Cost(
+        shape=shape,
+        batch=batch,
+        flops=sum(p.flops for p in parts) + flops,
+        macs=sum(p.macs for p in parts),
+        largest_intermediate=max([inter, *(p.largest_intermediate for p in parts)]),
+        contractions=tuple(c for p in parts for c in p.contractions),
+    )
+
+
+@dataclass
+class _Plan:
+    equation: str
+    path: list[int] | None
+    contraction: Contraction
+
+
+class NetNode(Node):
+    """One tensor network, contracted by one einsum along a path planned once per batch size."""
+
+    def __init__(self, network: Network) -> None:
+        self.network = network
+        self.m, self.n = network.m, network.n
+        self._in_shape = tuple(s for _, s in network.in_modes)
+        self._out_shape = tuple(s for _, s in network.out_modes)
+        self._plans: dict[int, _Plan] = {}
+        # which operand carries the scale: the smallest factor (cheapest), else the output
+        sizes = [fa.numel for fa in network.factors]
+        self._scale_at = min(range(len(sizes)), key=sizes.__getitem__) + 1 if sizes else -1
+
+    def networks(self) -> list[Network]:
+        return [self.network]
+
+    def _plan(self, batch: int) -> _Plan:
+        plan = self._plans.get(batch)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))
+            plan = self._plans[batch] = self._make_plan(batch)
+        return plan
+
+    def _make_plan(self, batch: int) -> _Plan:
+        eq, fshapes, _ = self.network.equation()
+        shapes = [(batch, *self._in_shape), *fshapes]
+        lhs, rhs = eq.split("->")
+        if len(shapes) == 1:  # no factor: a relabelling (permutation), plus sums over dropped labels
+            summed = set(lhs) - set(rhs)
+            flops = (batch * self.n if summed else 0) + (batch * self.m if self.network.scale != 1.0 else 0)
+            inter = batch * self.m
+            return _Plan(eq, None, Contraction(eq, tuple(shapes), ((0,),), flops, 0, inter))
+        optimize = "optimal" if len(shapes) <= 6 else "dp"
+        path, info = oe.contract_path(eq, *shapes, shapes=True, optimize=optimize)
+        size = dict(info.size_dict)
+        macs = 0
+        for step in info.contraction_list:
+            inds, _, einsum_str = step[0], step[1], step[2]
+            letters = set(einsum_str.split("->")[0].replace(",", ""))
+            macs += math.prod(size[c] for c in letters) * max(1, len(inds) - 1)
+        flops = int(info.opt_cost)
+        scale_flops = 0
+        if self.network.scale != 1.0:
+            scale_flops = math.prod(shapes[self._scale_at]) if self._scale_at > 0 else batch * self.m
+        contraction = Contraction(
+            eq, tuple(tuple(s) for s in shapes), tuple(tuple(p) for p in path), flops + scale_flops, macs,
+            int(info.largest_intermediate),
+        )
+        flat = [i for pair in path for i in pair] if len(shapes) > 2 else None
+        return _Plan(eq, flat, contraction)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        plan = self._plan(batch)
+        operands = [x.reshape(batch, *self._in_shape)]
+        for fa in self.network.factors:
+            t = fa.fetch()
+            if t.dtype != x.dtype:  # only reachable under autocast: the operator checks dtypes otherwise
+                t = t.to(x.dtype)
+            operands.append(t)
+        scale = self.network.scale
+        if scale != 1.0 and self._scale_at > 0:
+            operands[self._scale_at] = operands[self._scale_at] * scale
+        if plan.path is not None and _einsum is not None:
+            y = _einsum(plan.equation, operands, path=plan.path)
+        else:
+            y = torch.einsum(plan.equation, *operands)
+        if scale != 1.0 and self._scale_at < 0:
+            y = y * scale
+        return y.reshape(batch, self.m)
+
+    def cost(self, batch: int) -> Cost:
+        c = self._plan(batch).contraction
+        return Cost((self.m, self.n), batch, c.flops, c.macs, c.largest_intermediate, (c,))
+
+    def rank(self) -> Rank:
+        bound, exact = self.network.rank_bound()
+        return Rank(bound, exact)
+
+    def transpose(self) -> Node:
+        return NetNode(self.network.transpose())
+
+    def scaled(self, c: float) -> Node:
+        return NetNode(self.network.scaled(c))
+
+
+Slice = tuple[int, int]
+
+
+def _disjoint(slices: tuple[Slice, ...]) -> bool:
+    ordered = sorted(slices)
+    return all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:]))
+
+
+class SumNode(Node):
+    """``y[out_k] += child_k(x[in_k])`` for every child: a sum (full slices) or a block-diagonal (disjoint)."""
+
+    def __init__(
+        self,
+        children: list[Node],
+        m: int,
+        n: int,
+        in_slices: list[Slice] | None = None,
+        out_slices: list[Slice] | None = None,
+    ) -> None:
+        self.children = list(children)
+        self.m, self.n = m, n
+        self.in_slices = tuple(in_slices or [(0, n)] * len(children))
+        self.out_slices = tuple(out_slices or [(0, m)] * len(children))
+        self.full = all(s == (0, n) for s in self.in_slices) and all(s == (0, m) for s in self.out_slices)
+        order = sorted(range(len(children)), key=lambda k: self.out_slices[k])
+        tiles = [self.out_slices[k] for k in order]
+        self._cat_order = (
+            order
+            if tiles and tiles[0][0] == 0 and tiles[-1][1] == m and all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
+            else None
+        )
+
+    def networks(self) -> list[Network]:
+        return [net for c in self.children for net in c.networks()]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.full:
+            y = self.children[0].apply(x)
+            for c in self.children[1:]:
+                y = y + c.apply(x)
+            return y
+        outs = [c.apply(x[:, a:b] if (a, b) != (0, self.n) else x) for c, (a, b) in zip(self.children, self.in_slices)]
+        if self._cat_order is not None:
+            return torch.cat([outs[k] for k in self._cat_order], dim=1)
+        y = x.new_zeros(x.shape[0], self.m)
+        for out, (a, b) in zip(outs, self.out_slices):
+            y[:, a:b] += out
+        return y
+
+    def cost(self, batch: int) -> Cost:
+        parts = [c.cost(batch) for c in self.children]
+        covered = _union_size(self.out_slices)
+        adds = (sum(b - a for a, b in self.out_slices) - covered) * batch
+        return _combine((self.m, self.n), batch, parts, adds, batch * self.m)
+
+    def rank(self) -> Rank:
+        ranks = [c.rank() for c in self.children]
+        if len(ranks) == 1:
+            return ranks[0]
+        total = sum(r.bound for r in ranks)
+        if _disjoint(self.in_slices) and _disjoint(self.out_slices):
+            return Rank(total, all(r.exact for r in ranks))
+        return Rank(min(total, self.m, self.n), False)
+
+    def transpose(self) -> Node:
+        return SumNode(
+            [c.transpose() for c in self.children], self.n, self.m, list(self.out_slices), list(self.in_slices)
+        )
+
+    def scaled(self, c: float) -> Node:
+        return SumNode(
+            [ch.scaled(c) for ch in self.children], self.m, self.n, list(self.in_slices), list(self.out_slices)
+        )
+
+
+def _union_size(slices: tuple[Slice, ...]) -> int:
+    total, end = 0, -1
+    for a, b in sorted(slices):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+class ChainNode(Node):
+    """A product that does not fuse into one network: ``children[0] @ ... @ children[-1]``, applied right to left."""
+
+    def __init__(self, children: list[Node]) -> None:
+        self.children = list(children)
+        self.m, self.n = children[0].m, children[-1].n
+
+    def networks(self) -> list[Network]:
+        return [net for c in self.children for net in c.networks()]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        for c in reversed(self.children):
+            x = c.apply(x)
+        return x
+
+    def cost(self, batch: int) -> Cost:
+        parts = [c.cost(batch) for c in reversed(self.children)]
+        inter = max(batch * c.m for c in self.children)
+        return _combine((self.m, self.n), batch, parts, 0, inter)
+
+    def rank(self) -> Rank:
+        return Rank(min(c.rank().bound for c in self.children), False)
+
+    def transpose(self) -> Node:
+        return ChainNode([c.transpose() for c in reversed(self.children)])
+
+    def scaled(self, c: float) -> Node:
+        return ChainNode([*self.children[:-1], self.children[-1].scaled(c)])
+
+
+class KronNode(Node):
+    """``children[0] ⊗ children[1] ⊗ ...``, applied one factor at a time, the last one first."""
+
+    def __init__(self, children: list[Node]) -> None:
+        self.children = list(children)
+        self.m = math.prod(c.m for c in children)
+        self.n = math.prod(c.n for c in children)
+
+    def networks(self) -> list[Network]:
+        return [net for c in self.children for net in c.networks()]
+
+    def _steps(self) -> list[tuple[int, Node, int]]:
+        steps = []
+        for k in reversed(range(len(self.children))):
+            left = math.prod(c.n for c in self.children[:k])
+            right = math.prod(c.m for c in self.children[k + 1 :])
+            steps.append((left, self.children[k], right))
+        return steps
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        for left, child, right in self._steps():
+            if right == 1:
+                x = child.apply(x.reshape(batch * left, child.n)).reshape(batch, -1)
+                continue
+            x = x.reshape(batch, left, child.n, right).transpose(2, 3).reshape(-1, child.n)
+            x = child.apply(x).reshape(batch, left, right, child.m).transpose(2, 3).reshape(batch, -1)
+        return x
+
+    def cost(self, batch: int) -> Cost:
+        parts = [child.cost(batch * left * right) for left, child, right in self._steps()]
+        inter = max(batch * left * child.m * right for left, child, right in self._steps())
+        return _combine((self.m, self.n), batch, parts, 0, inter)
+
+    def rank(self) -> Rank:
+        ranks = [c.rank() for c in self.children]
+        return Rank(math.prod(r.bound for r in ranks), all(r.exact for r in ranks))
+
+    def transpose(self) -> Node:
+        return KronNode([c.transpose() for c in self.children])
+
+    def scaled(self, c: float) -> Node:
+        return KronNode([self.children[0].scaled(c), *self.children[1:]])
+
+
+class GatherNode(Node):
+    """``y[:, k] = scale * x[:, perm[k]]``: a general permutation (no flops unless scaled)."""
+
+    def __init__(self, perm: tuple[int, ...], scale: float = 1.0) -> None:
+        self.perm = perm
+        self.scale = scale
+        self.m = self.n = len(perm)
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    def networks(self) -> list[Network]:
+        return []
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self._index.get(x.device)
+        if idx is None:
+            idx = self._index[x.device] = torch.tensor(self.perm, dtype=torch.long, device=x.device)
+        y = x.index_select(1, idx)
+        return y * self.scale if self.scale != 1.0 else y
+
+    def cost(self, batch: int) -> Cost:
+        flops = batch * self.n if self.scale != 1.0 else 0
+        return Cost((self.m, self.n), batch, flops, flops, batch * self.n, ())
+
+    def rank(self) -> Rank:
+        return Rank(0 if self.scale == 0 else self.n, True)
+
+    def transpose(self) -> Node:
+        inv = [0] * self.n
+        for k, p in enumerate(self.perm):
+            inv[p] = k
+        return GatherNode(tuple(inv), self.scale)
+
+    def scaled(self, c: float) -> Node:
+        return GatherNode(self.perm, self.scale * c)
+
+
+# -- builders used by the combinators ---------------------------------------------------------------------------------
+def compose(nodes: list[Node]) -> Node:
+    """``nodes[0] @ nodes[1] @ ...``: flatten chains and fuse neighbouring networks whose mode splits refine."""
+    flat: list[Node] = []
+    for node in nodes:
+        flat.extend(node.children if isinstance(node, ChainNode) else [node])
+    out: list[Node] = []
+    for node in flat:
+        if out and isinstance(out[-1], NetNode) and isinstance(node, NetNode):
+            fused = fuse(out[-1].network, node.network)
+            if fused is not None:
+                out[-1] = NetNode(fused)
+                continue
+        out.append(node)
+    return out[0] if len(out) == 1 else ChainNode(out)
+
+
+def add(nodes: list[Node]) -> Node:
+    """``nodes[0] + nodes[1] + ...``; nested plain sums flatten."""
+    flat: list[Node] = []
+    for node in nodes:
+        flat.extend(node.children if isinstance(node, SumNode) and node.full else [node])
+    return flat[0] if len(flat) == 1 else SumNode(flat, flat[0].m, flat[0].n)
+
+
+def kron(nodes: list[Node]) -> Node:
+    """``nodes[0] ⊗ nodes[1] ⊗ ...``: one network when every part is one, else a :class:`KronNode`."""
+    if all(isinstance(nd, NetNode) for nd in nodes):
+        return NetNode(kron_networks([nd.network for nd in nodes]))  # type: ignore[attr-defined]
+    flat: list[Node] = []
+    for node in nodes:
+        flat.extend(node.children if isinstance(node, KronNode) else [node])
+    return KronNode(flat)
+
+
+def block_diag(nodes: list[Node]) -> Node:
+    """The block-diagonal of ``nodes``: each block reads and writes its own contiguous slice."""
+    if len(nodes) == 1:
+        return nodes[0]
+    ins, outs = [], []
+    i = o = 0
+    for nd in nodes:
+        ins.append((i, i + nd.n))
+        outs.append((o, o + nd.m))
+        i += nd.n
+        o += nd.m
+    return SumNode(list(nodes), o, i, ins, outs)

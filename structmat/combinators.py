@@ -1,0 +1,207 @@
+"""Combinators: operators built from operators. Each lowers its operands' networks; none has special cases.
+
+``Sum`` concatenates networks, ``Product`` fuses networks whose mode splits refine (and chains otherwise),
+``Transpose`` swaps input and output modes (sharing parameters), ``Kronecker`` puts networks side by side,
+``BlockDiagonal`` gives each block its own slice of the input and output, ``Scaled`` multiplies by a constant.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import final
+
+import torch
+
+from . import _nodes
+from ._base import LinearOperator, check_compatible
+from ._nodes import Node
+
+__all__ = ["Sum", "Product", "Transpose", "Kronecker", "BlockDiagonal", "Scaled", "kron", "block_diag"]
+
+
+def _operand_list(kind: str, ops: tuple[LinearOperator, ...]) -> torch.nn.ModuleList:
+    if not ops:
+        raise ValueError(f"{kind}: needs at least one operator, got none")
+    check_compatible(kind, ops)
+    return torch.nn.ModuleList(ops)
+
+
+@final
+class Sum(LinearOperator):
+    """``A_1 + A_2 + ...`` of operators of one shape.
+
+    Example:
+        >>> import structmat as sm
+        >>> S = sm.Dense(5, 3) + sm.Identity(5) @ sm.Dense(5, 3)
+        >>> S.shape, type(S).__name__
+        ((5, 3), 'Sum')
+    """
+
+    def __init__(self, *ops: LinearOperator) -> None:
+        terms = _operand_list("Sum", ops)
+        shapes = {op.shape for op in ops}
+        if len(shapes) > 1:
+            listing = " + ".join(f"{op.name}" for op in ops)
+            raise ValueError(f"Sum: operands must share one shape, got {listing}")
+        super().__init__(ops[0].shape)
+        self.terms = terms
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return tuple(self.terms)
+
+    def _lower(self) -> Node:
+        return _nodes.add([op._node for op in self.terms])
+
+
+@final
+class Product(LinearOperator):
+    """``A_1 @ A_2 @ ...``: one network when neighbouring mode splits share a row-major refinement, else a chain.
+
+    Example:
+        >>> import structmat as sm
+        >>> P = sm.Dense(5, 2) @ sm.Dense(2, 7)
+        >>> len(P.cost().contractions)  # fused into one einsum
+        1
+    """
+
+    def __init__(self, *ops: LinearOperator) -> None:
+        factors = _operand_list("Product", ops)
+        for a, b in zip(ops, ops[1:]):
+            if a.shape[1] != b.shape[0]:
+                raise ValueError(
+                    f"Product: cannot compose {a.name} @ {b.name}: inner sizes {a.shape[1]} and {b.shape[0]} differ"
+                )
+        super().__init__((ops[0].shape[0], ops[-1].shape[1]))
+        self.factors = factors
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return tuple(self.factors)
+
+    def _lower(self) -> Node:
+        return _nodes.compose([op._node for op in self.factors])
+
+
+@final
+class Transpose(LinearOperator):
+    """``A.T``: input and output modes swapped; the parameters are ``A``'s own.
+
+    Example:
+        >>> import structmat as sm
+        >>> A = sm.Dense(5, 3)
+        >>> A.T.shape, A.T.num_params == A.num_params, A.T.T is A
+        ((3, 5), True, True)
+    """
+
+    def __init__(self, op: LinearOperator) -> None:
+        check_compatible("Transpose", (op,))
+        super().__init__((op.shape[1], op.shape[0]))
+        self.op = op
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return (self.op,)
+
+    @property
+    def T(self) -> LinearOperator:  # noqa: N802
+        return self.op
+
+    def _lower(self) -> Node:
+        return self.op._node.transpose()
+
+
+@final
+class Kronecker(LinearOperator):
+    """``A_1 ⊗ A_2 ⊗ ...`` (``torch.kron`` order): shape ``(Π m_k, Π n_k)``.
+
+    Example:
+        >>> import torch, structmat as sm
+        >>> A, B = sm.Dense(2, 3), sm.Dense(5, 7)
+        >>> torch.allclose(sm.kron(A, B).dense(), torch.kron(A.dense(), B.dense()), atol=1e-6)
+        True
+    """
+
+    def __init__(self, *ops: LinearOperator) -> None:
+        parts = _operand_list("Kronecker", ops)
+        super().__init__((math.prod(op.shape[0] for op in ops), math.prod(op.shape[1] for op in ops)))
+        self.parts = parts
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return tuple(self.parts)
+
+    def _lower(self) -> Node:
+        return _nodes.kron([op._node for op in self.parts])
+
+
+@final
+class BlockDiagonal(LinearOperator):
+    """``diag(A_1, A_2, ...)``: blocks of any shapes along the diagonal (``torch.block_diag`` layout).
+
+    Example:
+        >>> import structmat as sm
+        >>> sm.block_diag(sm.Dense(2, 3), sm.Dense(5, 7)).shape
+        (7, 10)
+    """
+
+    def __init__(self, *ops: LinearOperator) -> None:
+        blocks = _operand_list("BlockDiagonal", ops)
+        super().__init__((sum(op.shape[0] for op in ops), sum(op.shape[1] for op in ops)))
+        self.blocks = blocks
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return tuple(self.blocks)
+
+    def _lower(self) -> Node:
+        return _nodes.block_diag([op._node for op in self.blocks])
+
+
+@final
+class Scaled(LinearOperator):
+    """``c * A`` for a real constant ``c`` (not a parameter).
+
+    Example:
+        >>> import structmat as sm
+        >>> (2.5 * sm.Identity(3)).dense().diagonal().tolist()
+        [2.5, 2.5, 2.5]
+    """
+
+    def __init__(self, op: LinearOperator, scale: float) -> None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"Scaled({op.name}): scale must be a real number, got {type(scale).__name__}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"Scaled({op.name}): scale must be finite, got {scale}")
+        check_compatible("Scaled", (op,))
+        super().__init__(op.shape)
+        self.op = op
+        self.scale = float(scale)
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return (self.op,)
+
+    @property
+    def name(self) -> str:
+        return f"Scaled({self.shape[0]}, {self.shape[1]}, scale={self.scale:g})"
+
+    def _lower(self) -> Node:
+        return self.op._node.scaled(self.scale)
+
+
+def kron(*ops: LinearOperator) -> LinearOperator:
+    """Kronecker product ``ops[0] ⊗ ops[1] ⊗ ...`` (one operand returns it unchanged).
+
+    Example:
+        >>> import structmat as sm
+        >>> sm.kron(sm.Dense(2, 3), sm.Identity(4)).shape
+        (8, 12)
+    """
+    return ops[0] if len(ops) == 1 and isinstance(ops[0], LinearOperator) else Kronecker(*ops)
+
+
+def block_diag(*ops: LinearOperator) -> LinearOperator:
+    """Block-diagonal operator with ``ops`` on the diagonal (one operand returns it unchanged).
+
+    Example:
+        >>> import structmat as sm
+        >>> sm.block_diag(sm.Identity(2), sm.Dense(3, 4)).shape
+        (5, 6)
+    """
+    return ops[0] if len(ops) == 1 and isinstance(ops[0], LinearOperator) else BlockDiagonal(*ops)

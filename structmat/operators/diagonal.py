@@ -1,0 +1,49 @@
+"""``Diagonal``: the network ``d[i]`` whose one mode is both input and output."""
+
+from __future__ import annotations
+
+from typing import final
+
+import torch
+
+from .._base import LinearOperator
+from .._init import check_float_dtype
+from .._network import Factor, Network
+from .._nodes import NetNode, Node
+
+__all__ = ["Diagonal"]
+
+
+@final
+class Diagonal(LinearOperator):
+    """``diag(d)`` of shape ``(n, n)``: ``y = d * x``. Initialized to ones.
+
+    Example:
+        >>> import torch, structmat as sm
+        >>> D = sm.Diagonal.from_tensor(torch.tensor([1.0, 0.0, 3.0]))
+        >>> D(torch.ones(3)).tolist(), D.rank()
+        ([1.0, 0.0, 3.0], Rank(bound=3, exact=True))
+    """
+
+    diag: torch.nn.Parameter
+
+    def __init__(self, n: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__((n, n))
+        dtype = check_float_dtype(self.name, dtype)
+        self.diag = torch.nn.Parameter(torch.ones(n, dtype=dtype, device=device))
+
+    @classmethod
+    def from_tensor(cls, diag: torch.Tensor, *, requires_grad: bool = True) -> Diagonal:
+        """A ``Diagonal`` holding the 1-D tensor ``diag`` as its parameter, without copying."""
+        if not isinstance(diag, torch.Tensor) or diag.ndim != 1:
+            got = tuple(diag.shape) if isinstance(diag, torch.Tensor) else type(diag).__name__
+            raise ValueError(f"Diagonal.from_tensor: diag must be a 1-D tensor, got {got}")
+        obj = cls.__new__(cls)
+        LinearOperator.__init__(obj, (diag.shape[0], diag.shape[0]))
+        check_float_dtype(obj.name, diag.dtype)
+        obj.diag = torch.nn.Parameter(diag, requires_grad=requires_grad)
+        return obj
+
+    def _lower(self) -> Node:
+        n = self.shape[1]
+        return NetNode(Network((Factor(self, "diag", (0,), (n,)),), ((0, n),), ((0, n),)))
