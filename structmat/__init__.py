@@ -6,7 +6,7 @@ Example:
     >>> A(torch.randn(3, 64)).shape
     torch.Size([3, 64])
     >>> A.rank().bound, A.cost(batch=1).flops
-    (64, 2112)
+    (64, 2176)
 """
 
 from ._base import LinearOperator

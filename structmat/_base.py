@@ -39,7 +39,7 @@ class LinearOperator(torch.nn.Module):
         >>> torch.allclose(A(x), x @ A.dense().T, atol=1e-6)
         True
         >>> A.rank().bound, A.cost(batch=4).flops
-        (3, 144)
+        (3, 288)
     """
 
     def __init__(self, shape: tuple[int, int]) -> None:
