@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -42,12 +43,13 @@ class LinearOperator(torch.nn.Module):
         (3, 288)
     """
 
-    def __init__(self, shape: tuple[int, int]) -> None:
+    def __init__(self, shape: tuple[int, int], heads: int | None = None) -> None:
         super().__init__()
         kind = type(self).__name__
         m = _check_size(kind, "m (rows)", shape[0])
         n = _check_size(kind, "n (columns)", shape[1])
         self._shape = (m, n)
+        self._heads = heads
 
     # -- the hook ----------------------------------------------------------------------------------------------------
     def _lower(self) -> Node:
@@ -72,9 +74,15 @@ class LinearOperator(torch.nn.Module):
         return self._shape
 
     @property
+    def heads(self) -> int | None:
+        """H for a stack of H operators of one structure (one per attention head), None for a single operator."""
+        return self._heads
+
+    @property
     def name(self) -> str:
-        """Short name for messages, e.g. ``Dense(5, 3)``."""
-        return f"{type(self).__name__}({self._shape[0]}, {self._shape[1]})"
+        """Short name for messages, e.g. ``Dense(5, 3)`` or ``LowRank(5, 3, heads=4)``."""
+        stack = f", heads={self._heads}" if self._heads is not None else ""
+        return f"{type(self).__name__}({self._shape[0]}, {self._shape[1]}{stack})"
 
     def _tensors(self) -> Iterable[torch.Tensor]:
         yield from self.parameters()
@@ -112,16 +120,31 @@ class LinearOperator(torch.nn.Module):
         if dtype is not None and x.device != self.device:
             raise ValueError(f"{self.name}: {what} is on {x.device} but the operator's parameters are on {self.device}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply to the last dim: ``(..., n) -> (..., m)``."""
+    def forward(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """Apply to the last dim: ``(..., n) -> (..., m)``.
+
+        For a stack of H operators: ``(..., n) -> (..., H, m)`` (every head reads the same input), or with
+        ``per_head=True``, ``(..., H, n) -> (..., H, m)`` (head h reads ``x[..., h, :]``).
+        """
         self._check_input(x)
         m, n = self._shape
-        lead = x.shape[:-1]
+        heads = self._heads
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if per_head:
+            if heads is None:
+                raise ValueError(f"{self.name}: per_head=True needs a stack of heads; this operator is single")
+            if x.ndim < 2 or x.shape[-2] != heads:
+                raise ValueError(f"{self.name}: per_head input must have shape (..., {heads}, {n}), got {tuple(x.shape)}")
+            lead = x.shape[:-2]
+            if x.numel() == 0:
+                return x.new_zeros(*lead, heads, m)
+            return self._node.apply(x.reshape(-1, heads, n)).reshape(*lead, heads, m)
+        lead = x.shape[:-1]
+        out = (*lead, heads, m) if heads is not None else (*lead, m)
         if x.numel() == 0:
-            return x.new_zeros(*lead, m)
-        return self._node.apply(x.reshape(-1, n)).reshape(*lead, m)
+            return x.new_zeros(out)
+        return self._node.apply(x.reshape(-1, n)).reshape(out)
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
@@ -136,7 +159,8 @@ class LinearOperator(torch.nn.Module):
                     f"{self.name} @ tensor: tensor must have shape (..., {self._shape[1]}, k), got {tuple(other.shape)}"
                 )
             self._check_input(other.mT, "tensor")
-            return self(other.mT).mT
+            y = self(other.mT)  # (..., k, m) or (..., k, H, m)
+            return y.movedim(-3, -1) if self._heads is not None else y.mT
         return NotImplemented
 
     def __rmatmul__(self, other: Any) -> Any:
@@ -145,7 +169,8 @@ class LinearOperator(torch.nn.Module):
                 raise ValueError(
                     f"tensor @ {self.name}: tensor must have shape (..., {self._shape[0]}), got {tuple(other.shape)}"
                 )
-            return self.T(other)
+            y = self.T(other)  # (..., k, n) or (..., k, H, n)
+            return y.movedim(-3, -2) if self._heads is not None and other.ndim > 1 else y
         return NotImplemented
 
     # -- algebra -----------------------------------------------------------------------------------------------------
@@ -201,7 +226,9 @@ class LinearOperator(torch.nn.Module):
 
     # -- queries -----------------------------------------------------------------------------------------------------
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The ``(m, n)`` matrix, by applying the operator to the identity (use only when it fits in memory).
+        """The ``(m, n)`` matrix (``(H, m, n)`` for a stack), by applying the operator to the identity.
+
+        Use only when it fits in memory.
 
         Args:
             dtype: for an operator without parameters (``Identity``, ``Permutation``), the dtype of the result
@@ -213,16 +240,20 @@ class LinearOperator(torch.nn.Module):
             raise TypeError(f"{self.name}.dense(dtype={dtype}): the operator's parameters are {own}")
         dtype = own or dtype or torch.get_default_dtype()
         eye = torch.eye(n, dtype=dtype, device=self.device)
-        return self._node.apply(eye).T
+        y = self._node.apply(eye)
+        return y.permute(1, 2, 0) if y.ndim == 3 else y.T
 
     def rank(self) -> Rank:
-        """A bound on the rank from the structure alone; ``.exact`` when it is the rank for generic parameters."""
+        """A bound on the rank from the structure alone; ``.exact`` when it is the rank for generic parameters.
+
+        For a stack of heads, the bound holds for each head.
+        """
         return self._node.rank()
 
     def cost(self, batch: int = 1) -> Cost:
         """Forward cost of applying the operator to ``batch`` vectors, from shapes alone (no data touched)."""
         batch = _check_size(f"{self.name}.cost", "batch", batch)
-        return self._node.cost(batch)
+        return dataclasses.replace(self._node.cost(batch), heads=self._heads)
 
     # -- printing ----------------------------------------------------------------------------------------------------
     def _summary(self) -> str:
@@ -245,11 +276,18 @@ class LinearOperator(torch.nn.Module):
         return "\n".join([self._summary(), *self._tree()])
 
 
-def check_compatible(kind: str, ops: Sequence[LinearOperator]) -> None:
-    """Raise when operators mix dtypes or devices (composites never move data)."""
+def check_compatible(kind: str, ops: Sequence[LinearOperator]) -> int | None:
+    """Raise when operators mix dtypes, devices or head counts (composites never move data).
+
+    Returns the common number of heads (None when no operand is a stack).
+    """
     for op in ops:
         if not isinstance(op, LinearOperator):
             raise TypeError(f"{kind}: expected LinearOperator operands, got {type(op).__name__}")
+    stacked = [op for op in ops if op.heads is not None]
+    if len({op.heads for op in stacked}) > 1:
+        listing = ", ".join(op.name for op in stacked)
+        raise ValueError(f"{kind}: operands are stacks of different numbers of heads: {listing}")
     typed = [op for op in ops if op.dtype is not None]
     dtypes = {op.dtype for op in typed}
     if len(dtypes) > 1:
@@ -259,3 +297,4 @@ def check_compatible(kind: str, ops: Sequence[LinearOperator]) -> None:
     if len(devices) > 1:
         listing = ", ".join(f"{op.name} on {op.device}" for op in typed)
         raise ValueError(f"{kind}: operators are on different devices: {listing}")
+    return stacked[0].heads if stacked else None

@@ -29,9 +29,10 @@ class Cost:
         flops: floating-point operations in opt_einsum's convention (a multiply-add counts 2), summed over every
             einsum of the operator plus the additions that join sums and the multiplies that apply scalars.
         macs: multiply(-add)s, the convention of fvcore and of the attention paper: one per multiplication.
-        dense_flops: ``2 * m * n * batch``, the cost of the same map as a dense matrix.
+        dense_flops: ``2 * m * n * batch`` (times H for a stack), the cost of the same map as dense matrices.
         largest_intermediate: the most elements any intermediate tensor holds (inputs excluded).
         contractions: every einsum, in execution order, with its opt_einsum path.
+        heads: H for a stack of H operators, else None.
     """
 
     shape: tuple[int, int]
@@ -40,10 +41,12 @@ class Cost:
     macs: int
     largest_intermediate: int
     contractions: tuple[Contraction, ...] = field(default=())
+    heads: int | None = None
 
     @property
     def dense_flops(self) -> int:
-        return 2 * self.shape[0] * self.shape[1] * self.batch
+        """``2 * m * n * batch`` (times H for a stack of H operators)."""
+        return 2 * self.shape[0] * self.shape[1] * self.batch * (self.heads or 1)
 
     @property
     def speedup(self) -> float:
@@ -58,7 +61,7 @@ class Cost:
     def __str__(self) -> str:
         m, n = self.shape
         lines = [
-            f"  Operator shape: ({m}, {n}), batch: {self.batch}",
+            f"  Operator shape: ({m}, {n}), batch: {self.batch}" + (f", heads: {self.heads}" if self.heads else ""),
             f"  FLOPs (multiply-add = 2): {self.flops:,}",
             f"  MACs: {self.macs:,}",
             f"  Dense FLOPs: {self.dense_flops:,}",

@@ -5,6 +5,8 @@ split row-major into labelled *input modes*, the output dim ``m`` into *output m
 label per axis. ``y[out] = scale * sum over every other label of (product of factors) * x[in]``.
 
 A label that is both an input and an output mode is a *diagonal* mode (the block label of a block-diagonal matrix).
+A *head* label (optional) stacks H independent operators of one structure: it is carried by the stacked factors and
+by the output, ``(B, n) -> (B, H, m)``, and by the input too when each head gets its own ``(B, H, n)``.
 Labels are small ints, private to one network; :meth:`Network.relabel` moves them apart before two networks meet.
 
 Everything here works on shapes alone: no tensor data is read.
@@ -59,6 +61,7 @@ class Network:
     in_modes: tuple[Mode, ...]
     out_modes: tuple[Mode, ...]
     scale: float = 1.0
+    head: Mode | None = None  # (label, H) of a stack of H operators
 
     # -- shapes -----------------------------------------------------------------------------------------------------
     @property
@@ -76,6 +79,8 @@ class Network:
             out.update(zip(f.labels, f.shape))
         out.update(self.in_modes)
         out.update(self.out_modes)
+        if self.head is not None:
+            out[self.head[0]] = self.head[1]
         return out
 
     def labels(self) -> list[int]:
@@ -87,10 +92,16 @@ class Network:
                 seen[lab] = None
         for lab, _ in self.out_modes:
             seen[lab] = None
+        if self.head is not None:
+            seen[self.head[0]] = None
         return list(seen)
 
     def diagonal_labels(self) -> set[int]:
         return {lab for lab, _ in self.in_modes} & {lab for lab, _ in self.out_modes}
+
+    def _per_head(self) -> set[int]:
+        """Labels that don't take part in one head's structure: diagonal labels and the head label."""
+        return self.diagonal_labels() | ({self.head[0]} if self.head is not None else set())
 
     # -- rewriting --------------------------------------------------------------------------------------------------
     def relabel(self, mapping: dict[int, int]) -> Network:
@@ -102,6 +113,7 @@ class Network:
             in_modes=tuple((f(lab), s) for lab, s in self.in_modes),
             out_modes=tuple((f(lab), s) for lab, s in self.out_modes),
             scale=self.scale,
+            head=None if self.head is None else (f(self.head[0]), self.head[1]),
         )
 
     def shifted(self, offset: int) -> Network:
@@ -111,7 +123,7 @@ class Network:
         return max(self.labels(), default=-1)
 
     def transpose(self) -> Network:
-        return Network(self.factors, self.out_modes, self.in_modes, self.scale)
+        return Network(self.factors, self.out_modes, self.in_modes, self.scale, self.head)
 
     def scaled(self, c: float) -> Network:
         return replace(self, scale=self.scale * c)
@@ -145,19 +157,20 @@ class Network:
                     labs.append(lab)
                     shape.append(s)
             factors.append(replace(fa, labels=tuple(labs), shape=tuple(shape)))
-        return Network(tuple(factors), modes(self.in_modes), modes(self.out_modes), self.scale)
+        return Network(tuple(factors), modes(self.in_modes), modes(self.out_modes), self.scale, self.head)
 
     def padded(self, left: int, right: int) -> Network:
         """``I_left ⊗ self ⊗ I_right``: identity factors become diagonal modes (no tensor, no flops)."""
         nxt = self.max_label() + 1
         pre: tuple[Mode, ...] = ((nxt, left),) if left > 1 else ()
         post: tuple[Mode, ...] = ((nxt + 1, right),) if right > 1 else ()
-        return Network(self.factors, pre + self.in_modes + post, pre + self.out_modes + post, self.scale)
+        return Network(self.factors, pre + self.in_modes + post, pre + self.out_modes + post, self.scale, self.head)
 
     # -- einsum ------------------------------------------------------------------------------------------------------
-    def equation(self) -> tuple[str, list[tuple[int, ...]], int]:
-        """The einsum equation with the batch as the first label of ``x`` and of the output.
+    def equation(self, per_head: bool = False) -> tuple[str, list[tuple[int, ...]], int]:
+        """The einsum equation with the batch as the first label of ``x`` and of the output (then the head label).
 
+        ``per_head``: the input carries the head label too (``(B, H, n)``); only for a stacked network.
         Returns ``(equation, factor shapes, position of x among the operands)``; x is operand 0.
         """
         letters: dict[int, str] = {}
@@ -168,18 +181,20 @@ class Network:
                     f"Network with {len(self.labels())} labels: an einsum takes at most {len(alphabet)} labels"
                 )
             letters[lab] = alphabet[len(letters)]
-        xs = "z" + "".join(letters[lab] for lab, _ in self.in_modes)
+        h = letters[self.head[0]] if self.head is not None else ""
+        xs = "z" + (h if per_head else "") + "".join(letters[lab] for lab, _ in self.in_modes)
         fs = ["".join(letters[lab] for lab in fa.labels) for fa in self.factors]
-        ys = "z" + "".join(letters[lab] for lab, _ in self.out_modes)
+        ys = "z" + h + "".join(letters[lab] for lab, _ in self.out_modes)
         return ",".join([xs, *fs]) + "->" + ys, [fa.shape for fa in self.factors], 0
 
     # -- rank --------------------------------------------------------------------------------------------------------
     def min_cut(self) -> tuple[int, frozenset[int]]:
         """Smallest product of label sizes whose removal separates the input from the output.
 
-        Diagonal labels are left out (they multiply the rank instead). Returns ``(product, labels cut)``.
+        Diagonal labels are left out (they multiply the rank instead), and so is the head label (the bound is per
+        head). Returns ``(product, labels cut)``.
         """
-        diag = self.diagonal_labels()
+        diag = self._per_head()
         sizes = self.sizes()
         ins = {lab for lab, _ in self.in_modes} - diag
         outs = {lab for lab, _ in self.out_modes} - diag
@@ -196,7 +211,7 @@ class Network:
 
     def is_tree(self) -> bool:
         """True when the factors and the labels joining two or more of them form a forest (diagonal labels aside)."""
-        diag = self.diagonal_labels()
+        diag = self._per_head()
         members: dict[int, set[int]] = {}
         for k, fa in enumerate(self.factors):
             for lab in fa.labels:
@@ -237,9 +252,9 @@ class Network:
         """``(fan_in, fan_out)`` of every factor: the sizes of its labels toward the input and toward the output.
 
         A label is toward the input when it is an input mode or joins a factor nearer to the input (breadth-first
-        distance through shared labels); diagonal labels count on neither side.
+        distance through shared labels); diagonal and head labels count on neither side.
         """
-        diag = self.diagonal_labels()
+        diag = self._per_head()
         ins = {lab for lab, _ in self.in_modes}
         holders: dict[int, list[int]] = {}
         for k, fa in enumerate(self.factors):
@@ -339,8 +354,16 @@ def fuse(a: Network, b: Network) -> Network | None:
             nxt += len(parts)
             a = a.split(lab, parts, new)
     mapping = {la: lb for (la, _), (lb, _) in zip(a.in_modes, b.out_modes)}
+    if a.head is not None and b.head is not None:
+        mapping[a.head[0]] = b.head[0]
     a = a.relabel(mapping)
-    return Network(a.factors + b.factors, b.in_modes, a.out_modes, a.scale * b.scale)
+    return Network(a.factors + b.factors, b.in_modes, a.out_modes, a.scale * b.scale, _head(a, b))
+
+
+def _head(a: Network, b: Network) -> Mode | None:
+    if a.head is not None and b.head is not None and a.head[1] != b.head[1]:
+        raise ValueError(f"stacks of {a.head[1]} and {b.head[1]} heads cannot be combined")
+    return b.head if b.head is not None else a.head
 
 
 def kron_networks(nets: list[Network]) -> Network:
@@ -348,11 +371,14 @@ def kron_networks(nets: list[Network]) -> Network:
     out = nets[0]
     for net in nets[1:]:
         net = net.shifted(out.max_label() + 1)
+        if out.head is not None and net.head is not None:
+            net = net.relabel({net.head[0]: out.head[0]})
         out = Network(
             out.factors + net.factors,
             out.in_modes + net.in_modes,
             out.out_modes + net.out_modes,
             out.scale * net.scale,
+            _head(out, net),
         )
     return out
 

@@ -43,15 +43,21 @@ _einsum = getattr(torch._VF, "einsum", None)  # torch.einsum's own C++ entry poi
 
 
 class Node:
-    """Base of the execution nodes (internal; not part of the public API)."""
+    """Base of the execution nodes (internal; not part of the public API).
+
+    ``apply`` takes ``x`` of shape ``(B, n)`` (one input for all heads) or ``(B, H, n)`` (one per head) and returns
+    ``(B, m)``, or ``(B, H, m)`` when the input or the node is a stack of heads. ``cost(batch, h)`` mirrors it:
+    ``h`` is the number of heads of the input (0 for ``(B, n)``).
+    """
 
     m: int
     n: int
+    heads: int | None = None
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B, m)
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # abstract
 
-    def cost(self, batch: int) -> Cost:
+    def cost(self, batch: int, h: int = 0) -> Cost:
         raise NotImplementedError  # abstract
 
     def rank(self) -> Rank:
@@ -65,6 +71,17 @@ class Node:
 
     def networks(self) -> list[Network]:
         raise NotImplementedError  # abstract
+
+    def out_heads(self, h: int) -> int:
+        """Heads of the output for an input with ``h`` heads (0: none)."""
+        return h or (self.heads or 0)
+
+
+def _common_heads(nodes: list[Node]) -> int | None:
+    stacked = {nd.heads for nd in nodes if nd.heads is not None}
+    if len(stacked) > 1:
+        raise ValueError(f"stacks of {sorted(stacked)} heads cannot be combined")
+    return stacked.pop() if stacked else None
 
 
 def _combine(shape: tuple[int, int], batch: int, parts: list[Cost], flops: int = 0, inter: int = 0) -> Cost:
@@ -91,9 +108,9 @@ class NetNode(Node):
     def __init__(self, network: Network) -> None:
         self.network = network
         self.m, self.n = network.m, network.n
+        self.heads = network.head[1] if network.head is not None else None
         self._in_shape = tuple(s for _, s in network.in_modes)
-        self._out_shape = tuple(s for _, s in network.out_modes)
-        self._plans: dict[int, _Plan] = {}
+        self._plans: dict[tuple[int, bool], _Plan] = {}
         # which operand carries the scale: the smallest factor (cheapest), else the output
         sizes = [fa.numel for fa in network.factors]
         self._scale_at = min(range(len(sizes)), key=sizes.__getitem__) + 1 if sizes else -1
@@ -101,37 +118,42 @@ class NetNode(Node):
     def networks(self) -> list[Network]:
         return [self.network]
 
-    def _plan(self, batch: int) -> _Plan:
-        plan = self._plans.get(batch)
+    def _plan(self, batch: int, per_head: bool) -> _Plan:
+        key = (batch, per_head)
+        plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.pop(next(iter(self._plans)))
-            plan = self._plans[batch] = self._make_plan(batch)
+            plan = self._plans[key] = self._make_plan(batch, per_head)
         return plan
 
-    def _make_plan(self, batch: int) -> _Plan:
-        eq, fshapes, _ = self.network.equation()
-        shapes = [(batch, *self._in_shape), *fshapes]
+    def _make_plan(self, batch: int, per_head: bool) -> _Plan:
+        eq, fshapes, _ = self.network.equation(per_head)
+        xshape = (batch, self.heads, *self._in_shape) if per_head else (batch, *self._in_shape)
+        shapes = [xshape, *fshapes]
+        out_size = batch * (self.heads or 1) * self.m
         lhs, rhs = eq.split("->")
+        scale_flops = 0
+        if self.network.scale != 1.0:
+            scale_flops = math.prod(shapes[self._scale_at]) if self._scale_at > 0 else out_size
         if len(shapes) == 1:  # no factor: a relabelling (permutation), plus sums over dropped labels
             summed = set(lhs) - set(rhs)
-            flops = (batch * self.n if summed else 0) + (batch * self.m if self.network.scale != 1.0 else 0)
-            inter = batch * self.m
-            return _Plan(eq, None, Contraction(eq, tuple(shapes), ((0,),), flops, 0, inter))
+            flops = (math.prod(xshape) if summed else 0) + scale_flops
+            return _Plan(eq, None, Contraction(eq, tuple(shapes), ((0,),), flops, 0, out_size))
         optimize = "optimal" if len(shapes) <= 6 else "dp"
         path, info = oe.contract_path(eq, *shapes, shapes=True, optimize=optimize)
         size = dict(info.size_dict)
         macs = 0
         for step in info.contraction_list:
-            inds, _, einsum_str = step[0], step[1], step[2]
+            inds, einsum_str = step[0], step[2]
             letters = set(einsum_str.split("->")[0].replace(",", ""))
             macs += math.prod(size[c] for c in letters) * max(1, len(inds) - 1)
-        flops = int(info.opt_cost)
-        scale_flops = 0
-        if self.network.scale != 1.0:
-            scale_flops = math.prod(shapes[self._scale_at]) if self._scale_at > 0 else batch * self.m
         contraction = Contraction(
-            eq, tuple(tuple(s) for s in shapes), tuple(tuple(p) for p in path), flops + scale_flops, macs,
+            eq,
+            tuple(tuple(s) for s in shapes),
+            tuple(tuple(p) for p in path),
+            int(info.opt_cost) + scale_flops,
+            macs,
             int(info.largest_intermediate),
         )
         flat = [i for pair in path for i in pair] if len(shapes) > 2 else None
@@ -139,8 +161,11 @@ class NetNode(Node):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
-        plan = self._plan(batch)
-        operands = [x.reshape(batch, *self._in_shape)]
+        if x.ndim == 3 and self.heads is None:  # one operator for every head: fold the heads into the batch
+            return self.apply(x.reshape(-1, self.n)).reshape(batch, x.shape[1], self.m)
+        per_head = x.ndim == 3
+        plan = self._plan(batch, per_head)
+        operands = [x.reshape(*x.shape[:-1], *self._in_shape)]
         for fa in self.network.factors:
             t = fa.fetch()
             if t.dtype != x.dtype:  # only reachable under autocast: the operator checks dtypes otherwise
@@ -155,10 +180,13 @@ class NetNode(Node):
             y = torch.einsum(plan.equation, *operands)
         if scale != 1.0 and self._scale_at < 0:
             y = y * scale
-        return y.reshape(batch, self.m)
+        return y.reshape(batch, self.heads, self.m) if self.heads is not None else y.reshape(batch, self.m)
 
-    def cost(self, batch: int) -> Cost:
-        c = self._plan(batch).contraction
+    def cost(self, batch: int, h: int = 0) -> Cost:
+        if h and self.heads is None:
+            c = self._plan(batch * h, False).contraction
+        else:
+            c = self._plan(batch, bool(h)).contraction
         return Cost((self.m, self.n), batch, c.flops, c.macs, c.largest_intermediate, (c,))
 
     def rank(self) -> Rank:
@@ -180,6 +208,11 @@ def _disjoint(slices: tuple[Slice, ...]) -> bool:
     return all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:]))
 
 
+def _with_heads(y: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, m) -> (B, heads, m)`` by broadcasting; a ``(B, H, m)`` passes through."""
+    return y if y.ndim == 3 else y.unsqueeze(1).expand(y.shape[0], heads, y.shape[1])
+
+
 class SumNode(Node):
     """``y[out_k] += child_k(x[in_k])`` for every child: a sum (full slices) or a block-diagonal (disjoint)."""
 
@@ -193,6 +226,7 @@ class SumNode(Node):
     ) -> None:
         self.children = list(children)
         self.m, self.n = m, n
+        self.heads = _common_heads(self.children)
         self.in_slices = tuple(in_slices or [(0, n)] * len(children))
         self.out_slices = tuple(out_slices or [(0, m)] * len(children))
         self.full = all(s == (0, n) for s in self.in_slices) and all(s == (0, m) for s in self.out_slices)
@@ -208,24 +242,30 @@ class SumNode(Node):
         return [net for c in self.children for net in c.networks()]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        heads = x.shape[1] if x.ndim == 3 else self.heads
         if self.full:
-            y = self.children[0].apply(x)
-            for c in self.children[1:]:
-                y = y + c.apply(x)
+            outs = [c.apply(x) for c in self.children]
+        else:
+            outs = [c.apply(x[..., a:b] if (a, b) != (0, self.n) else x) for c, (a, b) in zip(self.children, self.in_slices)]
+        if heads is not None and any(o.ndim == 2 for o in outs):
+            outs = [_with_heads(o, heads) for o in outs]
+        if self.full:
+            y = outs[0]
+            for out in outs[1:]:
+                y = y + out
             return y
-        outs = [c.apply(x[:, a:b] if (a, b) != (0, self.n) else x) for c, (a, b) in zip(self.children, self.in_slices)]
         if self._cat_order is not None:
-            return torch.cat([outs[k] for k in self._cat_order], dim=1)
-        y = x.new_zeros(x.shape[0], self.m)
+            return torch.cat([outs[k] for k in self._cat_order], dim=-1)
+        y = x.new_zeros(*outs[0].shape[:-1], self.m)
         for out, (a, b) in zip(outs, self.out_slices):
-            y[:, a:b] += out
+            y[..., a:b] += out
         return y
 
-    def cost(self, batch: int) -> Cost:
-        parts = [c.cost(batch) for c in self.children]
-        covered = _union_size(self.out_slices)
-        adds = (sum(b - a for a, b in self.out_slices) - covered) * batch
-        return _combine((self.m, self.n), batch, parts, adds, batch * self.m)
+    def cost(self, batch: int, h: int = 0) -> Cost:
+        parts = [c.cost(batch, h) for c in self.children]
+        rows = batch * max(1, self.out_heads(h))
+        adds = (sum(b - a for a, b in self.out_slices) - _union_size(self.out_slices)) * rows
+        return _combine((self.m, self.n), batch, parts, adds, rows * self.m)
 
     def rank(self) -> Rank:
         ranks = [c.rank() for c in self.children]
@@ -263,6 +303,7 @@ class ChainNode(Node):
     def __init__(self, children: list[Node]) -> None:
         self.children = list(children)
         self.m, self.n = children[0].m, children[-1].n
+        self.heads = _common_heads(self.children)
 
     def networks(self) -> list[Network]:
         return [net for c in self.children for net in c.networks()]
@@ -272,9 +313,13 @@ class ChainNode(Node):
             x = c.apply(x)
         return x
 
-    def cost(self, batch: int) -> Cost:
-        parts = [c.cost(batch) for c in reversed(self.children)]
-        inter = max(batch * c.m for c in self.children)
+    def cost(self, batch: int, h: int = 0) -> Cost:
+        parts = []
+        inter = 0
+        for c in reversed(self.children):
+            parts.append(c.cost(batch, h))
+            h = c.out_heads(h)
+            inter = max(inter, batch * max(1, h) * c.m)
         return _combine((self.m, self.n), batch, parts, 0, inter)
 
     def rank(self) -> Rank:
@@ -288,9 +333,18 @@ class ChainNode(Node):
 
 
 class KronNode(Node):
-    """``children[0] ⊗ children[1] ⊗ ...``, applied one factor at a time, the last one first."""
+    """``children[0] ⊗ children[1] ⊗ ...``, applied one factor at a time, the last one first.
+
+    Used only when the parts are not all single networks (those fuse into one network, stacks included); its
+    parts are then single operators, not stacks.
+    """
 
     def __init__(self, children: list[Node]) -> None:
+        if _common_heads(children) is not None:
+            raise ValueError(
+                "Kronecker: a stack of heads can be combined by kron only with single networks; "
+                "kron each head's operators instead"
+            )
         self.children = list(children)
         self.m = math.prod(c.m for c in children)
         self.n = math.prod(c.n for c in children)
@@ -307,18 +361,20 @@ class KronNode(Node):
         return steps
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
+        lead = x.shape[:-1]
+        rows = math.prod(lead)
         for left, child, right in self._steps():
             if right == 1:
-                x = child.apply(x.reshape(batch * left, child.n)).reshape(batch, -1)
+                x = child.apply(x.reshape(rows * left, child.n)).reshape(rows, -1)
                 continue
-            x = x.reshape(batch, left, child.n, right).transpose(2, 3).reshape(-1, child.n)
-            x = child.apply(x).reshape(batch, left, right, child.m).transpose(2, 3).reshape(batch, -1)
-        return x
+            x = x.reshape(rows, left, child.n, right).transpose(2, 3).reshape(-1, child.n)
+            x = child.apply(x).reshape(rows, left, right, child.m).transpose(2, 3).reshape(rows, -1)
+        return x.reshape(*lead, self.m)
 
-    def cost(self, batch: int) -> Cost:
-        parts = [child.cost(batch * left * right) for left, child, right in self._steps()]
-        inter = max(batch * left * child.m * right for left, child, right in self._steps())
+    def cost(self, batch: int, h: int = 0) -> Cost:
+        rows = batch * max(1, h)
+        parts = [child.cost(rows * left * right) for left, child, right in self._steps()]
+        inter = max(rows * left * child.m * right for left, child, right in self._steps())
         return _combine((self.m, self.n), batch, parts, 0, inter)
 
     def rank(self) -> Rank:
@@ -333,7 +389,7 @@ class KronNode(Node):
 
 
 class GatherNode(Node):
-    """``y[:, k] = scale * x[:, perm[k]]``: a general permutation (no flops unless scaled)."""
+    """``y[..., k] = scale * x[..., perm[k]]``: a general permutation (no flops unless scaled)."""
 
     def __init__(self, perm: tuple[int, ...], scale: float = 1.0) -> None:
         self.perm = perm
@@ -348,12 +404,13 @@ class GatherNode(Node):
         idx = self._index.get(x.device)
         if idx is None:
             idx = self._index[x.device] = torch.tensor(self.perm, dtype=torch.long, device=x.device)
-        y = x.index_select(1, idx)
+        y = x.index_select(-1, idx)
         return y * self.scale if self.scale != 1.0 else y
 
-    def cost(self, batch: int) -> Cost:
-        flops = batch * self.n if self.scale != 1.0 else 0
-        return Cost((self.m, self.n), batch, flops, flops, batch * self.n, ())
+    def cost(self, batch: int, h: int = 0) -> Cost:
+        rows = batch * max(1, h)
+        flops = rows * self.n if self.scale != 1.0 else 0
+        return Cost((self.m, self.n), batch, flops, flops, rows * self.n, ())
 
     def rank(self) -> Rank:
         return Rank(0 if self.scale == 0 else self.n, True)

@@ -20,11 +20,11 @@ from ._nodes import Node
 __all__ = ["Sum", "Product", "Transpose", "Kronecker", "BlockDiagonal", "Scaled", "kron", "block_diag"]
 
 
-def _operand_list(kind: str, ops: tuple[LinearOperator, ...]) -> torch.nn.ModuleList:
+def _operand_list(kind: str, ops: tuple[LinearOperator, ...]) -> tuple[torch.nn.ModuleList, int | None]:
     if not ops:
         raise ValueError(f"{kind}: needs at least one operator, got none")
-    check_compatible(kind, ops)
-    return torch.nn.ModuleList(ops)
+    heads = check_compatible(kind, ops)
+    return torch.nn.ModuleList(ops), heads
 
 
 @final
@@ -39,12 +39,12 @@ class Sum(LinearOperator):
     """
 
     def __init__(self, *ops: LinearOperator) -> None:
-        terms = _operand_list("Sum", ops)
+        terms, heads = _operand_list("Sum", ops)
         shapes = {op.shape for op in ops}
         if len(shapes) > 1:
             listing = " + ".join(f"{op.name}" for op in ops)
             raise ValueError(f"Sum: operands must share one shape, got {listing}")
-        super().__init__(ops[0].shape)
+        super().__init__(ops[0].shape, heads)
         self.terms = terms
 
     def _operands(self) -> tuple[LinearOperator, ...]:
@@ -66,13 +66,13 @@ class Product(LinearOperator):
     """
 
     def __init__(self, *ops: LinearOperator) -> None:
-        factors = _operand_list("Product", ops)
+        factors, heads = _operand_list("Product", ops)
         for a, b in zip(ops, ops[1:]):
             if a.shape[1] != b.shape[0]:
                 raise ValueError(
                     f"Product: cannot compose {a.name} @ {b.name}: inner sizes {a.shape[1]} and {b.shape[0]} differ"
                 )
-        super().__init__((ops[0].shape[0], ops[-1].shape[1]))
+        super().__init__((ops[0].shape[0], ops[-1].shape[1]), heads)
         self.factors = factors
 
     def _operands(self) -> tuple[LinearOperator, ...]:
@@ -94,8 +94,8 @@ class Transpose(LinearOperator):
     """
 
     def __init__(self, op: LinearOperator) -> None:
-        check_compatible("Transpose", (op,))
-        super().__init__((op.shape[1], op.shape[0]))
+        heads = check_compatible("Transpose", (op,))
+        super().__init__((op.shape[1], op.shape[0]), heads)
         self.op = op
 
     def _operands(self) -> tuple[LinearOperator, ...]:
@@ -121,8 +121,8 @@ class Kronecker(LinearOperator):
     """
 
     def __init__(self, *ops: LinearOperator) -> None:
-        parts = _operand_list("Kronecker", ops)
-        super().__init__((math.prod(op.shape[0] for op in ops), math.prod(op.shape[1] for op in ops)))
+        parts, heads = _operand_list("Kronecker", ops)
+        super().__init__((math.prod(op.shape[0] for op in ops), math.prod(op.shape[1] for op in ops)), heads)
         self.parts = parts
 
     def _operands(self) -> tuple[LinearOperator, ...]:
@@ -143,8 +143,8 @@ class BlockDiagonal(LinearOperator):
     """
 
     def __init__(self, *ops: LinearOperator) -> None:
-        blocks = _operand_list("BlockDiagonal", ops)
-        super().__init__((sum(op.shape[0] for op in ops), sum(op.shape[1] for op in ops)))
+        blocks, heads = _operand_list("BlockDiagonal", ops)
+        super().__init__((sum(op.shape[0] for op in ops), sum(op.shape[1] for op in ops)), heads)
         self.blocks = blocks
 
     def _operands(self) -> tuple[LinearOperator, ...]:
@@ -169,8 +169,8 @@ class Scaled(LinearOperator):
             raise TypeError(f"Scaled({op.name}): scale must be a real number, got {type(scale).__name__}")
         if not math.isfinite(float(scale)):
             raise ValueError(f"Scaled({op.name}): scale must be finite, got {scale}")
-        check_compatible("Scaled", (op,))
-        super().__init__(op.shape)
+        heads = check_compatible("Scaled", (op,))
+        super().__init__(op.shape, heads)
         self.op = op
         self.scale = float(scale)
 
@@ -179,7 +179,8 @@ class Scaled(LinearOperator):
 
     @property
     def name(self) -> str:
-        return f"Scaled({self.shape[0]}, {self.shape[1]}, scale={self.scale:g})"
+        stack = f", heads={self.heads}" if self.heads is not None else ""
+        return f"Scaled({self.shape[0]}, {self.shape[1]}, scale={self.scale:g}{stack})"
 
     def _lower(self) -> Node:
         return self.op._node.scaled(self.scale)

@@ -55,7 +55,7 @@ def _tn_dense(op: sm.TensorNetwork) -> torch.Tensor:
     sizes = {}
     for name, labs in terms:
         if name != "x":
-            sizes.update(zip(labs, op.factors[name].shape))
+            sizes.update(zip(labs, getattr(op, name).shape))
     in_sizes = []
     for lab in x_labels:
         in_sizes.append(sizes.get(lab))
@@ -74,7 +74,7 @@ def _tn_dense(op: sm.TensorNetwork) -> torch.Tensor:
             operands.append(eye)
             subs.append("".join(letters[lab] for lab in labs) + "Z")
         else:
-            operands.append(op.factors[name].detach())
+            operands.append(getattr(op, name).detach())
             subs.append("".join(letters[lab] for lab in labs))
     eq = ",".join(subs) + "->" + "".join(letters[lab] for lab in out) + "Z"
     return torch.einsum(eq, *operands).reshape(op.shape[0], n)

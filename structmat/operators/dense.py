@@ -7,8 +7,7 @@ from typing import final
 import torch
 
 from .._base import LinearOperator
-from .._init import check_float_dtype, spectral_std
-from .._network import Factor, Network
+from .._family import check_heads, define_network
 from .._nodes import NetNode, Node
 
 __all__ = ["Dense"]
@@ -23,6 +22,7 @@ class Dense(LinearOperator):
     Args:
         m: rows (output size).
         n: columns (input size).
+        heads: a stack of this many independent matrices (shape ``(H, m, n)``), or None for one.
         dtype: parameter dtype (torch's default when None).
         device: parameter device; ``"meta"`` allocates nothing, for shape-only queries.
 
@@ -38,26 +38,38 @@ class Dense(LinearOperator):
     weight: torch.nn.Parameter
 
     def __init__(
-        self, m: int, n: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        self,
+        m: int,
+        n: int,
+        *,
+        heads: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
-        super().__init__((m, n))
-        dtype = check_float_dtype(self.name, dtype)
-        self.weight = torch.nn.Parameter(torch.empty(m, n, dtype=dtype, device=device))
-        with torch.no_grad():
-            self.weight.normal_(0.0, spectral_std(n, m))
+        super().__init__((m, n), check_heads("Dense", heads))
+        self._network = define_network(
+            self, [("weight", ("o", "i"))], dict(o=m, i=n), ("i",), ("o",),
+            heads=heads, dtype=dtype, device=device, where=self.name,
+        )
 
     @classmethod
     def from_tensor(cls, weight: torch.Tensor, *, requires_grad: bool = True) -> Dense:
-        """A ``Dense`` holding ``weight`` (shape ``(m, n)``) as its parameter, without copying."""
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        """A ``Dense`` holding ``weight`` as its parameter, without copying.
+
+        ``weight`` of shape ``(m, n)`` gives one operator, ``(H, m, n)`` a stack of H.
+        """
+        if not isinstance(weight, torch.Tensor) or weight.ndim not in (2, 3):
             got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-            raise ValueError(f"Dense.from_tensor: weight must be a 2-D tensor, got {got}")
+            raise ValueError(f"Dense.from_tensor: weight must be a 2-D (m, n) or 3-D (H, m, n) tensor, got {got}")
+        heads = weight.shape[0] if weight.ndim == 3 else None
+        m, n = weight.shape[-2:]
         obj = cls.__new__(cls)
-        LinearOperator.__init__(obj, (weight.shape[0], weight.shape[1]))
-        check_float_dtype(obj.name, weight.dtype)
-        obj.weight = torch.nn.Parameter(weight, requires_grad=requires_grad)
+        LinearOperator.__init__(obj, (m, n), heads)
+        obj._network = define_network(
+            obj, [("weight", ("o", "i"))], dict(o=m, i=n), ("i",), ("o",), heads=heads,
+            given={"weight": torch.nn.Parameter(weight, requires_grad=requires_grad)}, where=obj.name,
+        )
         return obj
 
     def _lower(self) -> Node:
-        m, n = self.shape
-        return NetNode(Network((Factor(self, "weight", (1, 0), (m, n)),), ((0, n),), ((1, m),)))
+        return NetNode(self._network)

@@ -11,8 +11,7 @@ from typing import final
 import torch
 
 from .._base import LinearOperator
-from .._init import check_float_dtype, spectral_std
-from .._network import Factor, Network
+from .._family import check_heads, define_network
 from .._nodes import NetNode, Node
 
 __all__ = ["TensorNetwork"]
@@ -52,8 +51,8 @@ def _parse(spec: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
             raise ValueError(f"{where}: y is the output and cannot be a factor")
         if names.count(name) > 1:
             raise ValueError(f"{where}: factor {name!r} appears twice; give each factor its own name")
-        if name.startswith("_") or hasattr(torch.nn.ParameterDict(), name):
-            raise ValueError(f"{where}: {name!r} cannot be a factor name; choose another")
+        if name.startswith("_"):
+            raise ValueError(f"{where}: {name!r} cannot be a factor name (it starts with '_')")
     return out, terms
 
 
@@ -80,7 +79,9 @@ class TensorNetwork(LinearOperator):
     Args:
         spec: e.g. ``"y[o] = U[o,r] V[r,i] x[i]"`` (a low-rank map).
         sizes: size of each label not fixed by a given factor.
-        factors: tensors for some or all factors, by name (registered as parameters, not copied).
+        factors: tensors for some or all factors, by name (registered as parameters, not copied); with ``heads``
+            each has a leading axis of size H.
+        heads: a stack of this many independent operators of this structure, or None for one.
         dtype: dtype of created factors.
         device: device of created factors.
 
@@ -100,6 +101,7 @@ class TensorNetwork(LinearOperator):
         sizes: Mapping[str, int] | None = None,
         factors: Mapping[str, torch.Tensor] | None = None,
         *,
+        heads: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -126,11 +128,13 @@ class TensorNetwork(LinearOperator):
             t = factors[name]
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{where}: factor {name!r} must be a torch.Tensor, got {type(t).__name__}")
-            if t.ndim != len(labs):
+            lead = 0 if heads is None else 1
+            if t.ndim != len(labs) + lead:
                 raise ValueError(
-                    f"{where}: factor {name!r} has labels [{','.join(labs)}] but a tensor of shape {tuple(t.shape)}"
+                    f"{where}: factor {name!r} has labels [{','.join(labs)}]"
+                    f"{' and a head axis' if lead else ''} but a tensor of shape {tuple(t.shape)}"
                 )
-            for axis, (lab, s) in enumerate(zip(labs, t.shape)):
+            for axis, (lab, s) in enumerate(zip(labs, t.shape[lead:]), start=lead):
                 if lab in known and known[lab][0] != s:
                     size, source = known[lab]
                     raise ValueError(
@@ -152,43 +156,34 @@ class TensorNetwork(LinearOperator):
                     f"{where}: input label {lab!r} appears in no factor and not in y (a bare sum over x is not "
                     "closed under transpose); add a factor that carries it"
                 )
-        super().__init__(
-            (math.prod(known[lab][0] for lab in out), math.prod(known[lab][0] for lab in x_labels))
-        )
-        self.spec = spec
-        ids = {lab: k for k, lab in enumerate(sorted(used))}
-        self.factors = torch.nn.ParameterDict()
+        heads = check_heads(where, heads)
         dtypes = {t.dtype for t in factors.values()}
         devices = {t.device for t in factors.values()}
         if len(dtypes) > 1:
             raise TypeError(f"{where}: the given factors have different dtypes {sorted(map(str, dtypes))}")
         if len(devices) > 1:
             raise ValueError(f"{where}: the given factors are on different devices {sorted(map(str, devices))}")
-        dtype = check_float_dtype(where, dtype if dtype is not None or not dtypes else dtypes.pop())
-        device = device if device is not None or not devices else devices.pop()
-        specs = [(name, labs) for name, labs in terms if name != "x"]
-        for name, labs in specs:
-            shape = tuple(known[lab][0] for lab in labs)
-            t = factors.get(name)
-            if t is None:
-                t = torch.empty(shape, dtype=dtype, device=device)
-            elif t.dtype != dtype:
-                raise TypeError(f"{where}: factor {name!r} has dtype {t.dtype} but dtype={dtype} was asked")
-            self.factors[name] = t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t)
-        self._specs = [(name, tuple(ids[lab] for lab in labs)) for name, labs in specs]
-        self._in = tuple((ids[lab], known[lab][0]) for lab in x_labels)
-        self._out = tuple((ids[lab], known[lab][0]) for lab in out)
-        fans = self._network().factor_fans()
-        with torch.no_grad():
-            for (name, _), (fan_in, fan_out) in zip(specs, fans):
-                if name not in factors:
-                    self.factors[name].normal_(0.0, spectral_std(fan_in, fan_out))
-
-    def _network(self) -> Network:
-        fs = tuple(
-            Factor(self.factors, name, labs, tuple(self.factors[name].shape)) for name, labs in self._specs
+        if dtype is not None and dtypes and dtype not in dtypes:
+            raise TypeError(f"{where}: the given factors have dtype {dtypes.pop()} but dtype={dtype} was asked")
+        super().__init__(
+            (math.prod(known[lab][0] for lab in out), math.prod(known[lab][0] for lab in x_labels)), heads
         )
-        return Network(fs, self._in, self._out)
+        for name in names:
+            if hasattr(self, name):
+                raise ValueError(f"{where}: {name!r} cannot be a factor name (the operator has that attribute)")
+        self.spec = spec
+        self._network = define_network(
+            self,
+            [(name, labs) for name, labs in terms if name != "x"],
+            {lab: size for lab, (size, _) in known.items()},
+            x_labels,
+            out,
+            heads=heads,
+            dtype=dtype,
+            device=device,
+            given=factors,
+            where=where,
+        )
 
     def _lower(self) -> Node:
-        return NetNode(self._network())
+        return NetNode(self._network)

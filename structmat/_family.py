@@ -1,0 +1,104 @@
+"""Building a family's network: register its factors as parameters (stacked when ``heads`` is given), initialize
+them by the spectral µP rule from their fans in the network, and return the :class:`Network`.
+
+Every single-network family (``Dense``, ``LowRank``, ``BlockTensorTrain``, ``Monarch``, ``TensorTrain``,
+``TensorNetwork`` …) is a spec handed to :func:`define_network`; nothing else about it is family-specific.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from ._init import check_float_dtype, spectral_std
+from ._network import Factor, Network
+
+__all__ = ["define_network", "check_heads"]
+
+Init = Callable[[torch.Tensor, int, int], None]
+
+
+def check_heads(owner: str, heads: object) -> int | None:
+    """``heads`` must be None (a single operator) or a positive int (a stack of that many)."""
+    if heads is None:
+        return None
+    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
+        raise ValueError(f"{owner}: heads must be None or an int >= 1, got {heads!r}")
+    return int(heads)
+
+
+def define_network(
+    owner: torch.nn.Module,
+    factors: Sequence[tuple[str, Sequence[str]]],
+    sizes: Mapping[str, int],
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    *,
+    heads: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    given: Mapping[str, torch.Tensor] | None = None,
+    init: Mapping[str, Init] | None = None,
+    where: str = "",
+) -> Network:
+    """Register ``factors`` on ``owner`` and return the network ``y[outputs] = prod(factors) x[inputs]``.
+
+    Args:
+        owner: the module that holds the parameters (``getattr(owner, name)``).
+        factors: ``(name, labels)`` of each factor.
+        sizes: size of every label.
+        inputs: labels splitting the input dim, row-major.
+        outputs: labels splitting the output dim, row-major.
+        heads: stack this many independent copies (a leading axis on every factor), or None.
+        dtype: dtype of created parameters.
+        device: device of created parameters.
+        given: tensors to use for some factors, by name (shape ``(H, *shape)`` for a stack); used without copying.
+        init: per-factor initializer ``fn(tensor, fan_in, fan_out)`` replacing the spectral µP normal.
+        where: the operator's name, for messages.
+
+    Returns:
+        The network; its factors fetch the parameters from ``owner`` at apply time.
+    """
+    given = dict(given or {})
+    names = sorted({lab for _, labs in factors for lab in labs} | set(inputs) | set(outputs))
+    ids = {lab: k for k, lab in enumerate(names)}
+    head = (len(names), heads) if heads is not None else None
+    dtypes = {t.dtype for t in given.values()}
+    if dtype is None and dtypes:
+        dtype = next(iter(dtypes))
+    dtype = check_float_dtype(where, dtype)
+    if device is None and given:
+        device = next(iter(given.values())).device
+    fs = []
+    for name, labs in factors:
+        shape = tuple(int(sizes[lab]) for lab in labs)
+        full = ((heads,) if heads is not None else ()) + shape
+        t = given.get(name)
+        if t is None:
+            t = torch.empty(full, dtype=dtype, device=device)
+        elif tuple(t.shape) != full:
+            raise ValueError(f"{where}: factor {name!r} must have shape {full}, got {tuple(t.shape)}")
+        elif t.dtype != dtype:
+            raise TypeError(f"{where}: factor {name!r} has dtype {t.dtype}, expected {dtype}")
+        owner.register_parameter(name, t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t))
+        labels = ((head[0],) if head is not None else ()) + tuple(ids[lab] for lab in labs)
+        fs.append(Factor(owner, name, labels, full))
+    network = Network(
+        tuple(fs),
+        tuple((ids[lab], int(sizes[lab])) for lab in inputs),
+        tuple((ids[lab], int(sizes[lab])) for lab in outputs),
+        head=head,
+    )
+    init = dict(init or {})
+    with torch.no_grad():
+        for (name, _), (fan_in, fan_out) in zip(factors, network.factor_fans()):
+            if name in given:
+                continue
+            param = getattr(owner, name)
+            if name in init:
+                init[name](param, fan_in, fan_out)
+            else:
+                param.normal_(0.0, spectral_std(fan_in, fan_out))
+    return network
