@@ -12,7 +12,19 @@ Example:
 from ._base import LinearOperator
 from ._cost import Contraction, Cost, Rank
 from .combinators import BlockDiagonal, Kronecker, Product, Scaled, Sum, Transpose, block_diag, kron
-from .operators import Dense, Diagonal, Identity, Permutation, TensorNetwork
+from .operators import (
+    BTT,
+    TT,
+    BlockTensorTrain,
+    Dense,
+    Diagonal,
+    Identity,
+    LowRank,
+    Monarch,
+    Permutation,
+    TensorNetwork,
+    TensorTrain,
+)
 from .rank import numerical_rank
 
 __version__ = "0.1.0"
@@ -27,6 +39,12 @@ __all__ = [
     "Identity",
     "Permutation",
     "TensorNetwork",
+    "LowRank",
+    "BlockTensorTrain",
+    "BTT",
+    "Monarch",
+    "TensorTrain",
+    "TT",
     "Sum",
     "Product",
     "Transpose",

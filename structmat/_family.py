@@ -41,6 +41,7 @@ def define_network(
     device: torch.device | str | None = None,
     given: Mapping[str, torch.Tensor] | None = None,
     init: Mapping[str, Init] | None = None,
+    exact_rank: bool = False,
     where: str = "",
 ) -> Network:
     """Register ``factors`` on ``owner`` and return the network ``y[outputs] = prod(factors) x[inputs]``.
@@ -56,6 +57,8 @@ def define_network(
         device: device of created parameters.
         given: tensors to use for some factors, by name (shape ``(H, *shape)`` for a stack); used without copying.
         init: per-factor initializer ``fn(tensor, fan_in, fan_out)`` replacing the spectral µP normal.
+        exact_rank: the family proves that the network's cut bound is the rank for generic parameters (a tree
+            network needs no such proof).
         where: the operator's name, for messages.
 
     Returns:
@@ -90,6 +93,7 @@ def define_network(
         tuple((ids[lab], int(sizes[lab])) for lab in inputs),
         tuple((ids[lab], int(sizes[lab])) for lab in outputs),
         head=head,
+        vouched=exact_rank,
     )
     init = dict(init or {})
     with torch.no_grad():

@@ -62,6 +62,7 @@ class Network:
     out_modes: tuple[Mode, ...]
     scale: float = 1.0
     head: Mode | None = None  # (label, H) of a stack of H operators
+    vouched: bool = False  # the family proves its cut bound is the generic rank (kept by relabel/transpose/scale)
 
     # -- shapes -----------------------------------------------------------------------------------------------------
     @property
@@ -114,6 +115,7 @@ class Network:
             out_modes=tuple((f(lab), s) for lab, s in self.out_modes),
             scale=self.scale,
             head=None if self.head is None else (f(self.head[0]), self.head[1]),
+            vouched=self.vouched,
         )
 
     def shifted(self, offset: int) -> Network:
@@ -123,7 +125,7 @@ class Network:
         return max(self.labels(), default=-1)
 
     def transpose(self) -> Network:
-        return Network(self.factors, self.out_modes, self.in_modes, self.scale, self.head)
+        return Network(self.factors, self.out_modes, self.in_modes, self.scale, self.head, self.vouched)
 
     def scaled(self, c: float) -> Network:
         return replace(self, scale=self.scale * c)
@@ -245,7 +247,7 @@ class Network:
         diag = math.prod(s for lab, s in self.in_modes if lab in self.diagonal_labels())
         cut, _ = self.min_cut()
         bound = min(diag * cut, self.m, self.n)
-        return bound, self.is_tree()
+        return bound, self.vouched or self.is_tree()
 
     # -- fans, for initialization ------------------------------------------------------------------------------------
     def factor_fans(self) -> list[tuple[int, int]]:

@@ -460,6 +460,37 @@ def kron(nodes: list[Node]) -> Node:
     return KronNode(flat)
 
 
+def stack_blocks(node: Node) -> Node:
+    """The block-diagonal matrix whose blocks are the H operators of a stack (block h = head h).
+
+    A stacked network turns its head label into a diagonal mode; sums and chains of stacks map over their parts
+    (the block-diagonal of a sum is the sum of block-diagonals, likewise for products); a part that is not a stack
+    is the same block for every head, ``I_H ⊗ part``.
+    """
+    heads = node.heads
+    if heads is None:
+        raise ValueError("stack_blocks: the operator is not a stack of heads")
+    return _blocks(node, heads)
+
+
+def _blocks(node: Node, heads: int) -> Node:
+    if isinstance(node, NetNode):
+        net = node.network
+        if net.head is None:
+            return NetNode(net.padded(heads, 1))
+        label = net.head
+        return NetNode(
+            Network(net.factors, (label, *net.in_modes), (label, *net.out_modes), net.scale, None, net.vouched)
+        )
+    if isinstance(node, SumNode) and node.full:
+        return SumNode([_blocks(c, heads) for c in node.children], node.m * heads, node.n * heads)
+    if isinstance(node, ChainNode):
+        return ChainNode([_blocks(c, heads) for c in node.children])
+    if node.heads is None:
+        return KronNode([NetNode(Network((), ((0, heads),), ((0, heads),))), node])
+    raise ValueError(f"stack_blocks: cannot lay out a stacked {type(node).__name__} as blocks")
+
+
 def block_diag(nodes: list[Node]) -> Node:
     """The block-diagonal of ``nodes``: each block reads and writes its own contiguous slice."""
     if len(nodes) == 1:

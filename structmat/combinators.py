@@ -122,8 +122,36 @@ class Kronecker(LinearOperator):
 
     def __init__(self, *ops: LinearOperator) -> None:
         parts, heads = _operand_list("Kronecker", ops)
+        if heads is not None and not all(isinstance(op._node, _nodes.NetNode) for op in ops):
+            raise ValueError(
+                "Kronecker: stacks of heads combine by kron only when every part is a single network, got "
+                + ", ".join(f"{op.name} ({type(op._node).__name__})" for op in ops)
+            )
         super().__init__((math.prod(op.shape[0] for op in ops), math.prod(op.shape[1] for op in ops)), heads)
         self.parts = parts
+
+    @classmethod
+    def from_sizes(
+        cls,
+        *sizes: tuple[int, int],
+        heads: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Kronecker:
+        """``Dense(m_1, n_1) ⊗ Dense(m_2, n_2) ⊗ ...`` from ``(m_k, n_k)`` pairs.
+
+        Example:
+            >>> import structmat as sm
+            >>> K = sm.Kronecker.from_sizes((3, 4), (5, 2))
+            >>> K.shape, K.num_params, K.rank()
+            ((15, 8), 22, Rank(bound=6, exact=True))
+        """
+        from .operators.dense import Dense
+
+        for pair in sizes:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise ValueError(f"Kronecker.from_sizes: each size must be an (m, n) pair, got {pair!r}")
+        return cls(*(Dense(m, n, heads=heads, dtype=dtype, device=device) for m, n in sizes))
 
     def _operands(self) -> tuple[LinearOperator, ...]:
         return tuple(self.parts)
@@ -136,6 +164,8 @@ class Kronecker(LinearOperator):
 class BlockDiagonal(LinearOperator):
     """``diag(A_1, A_2, ...)``: blocks of any shapes along the diagonal (``torch.block_diag`` layout).
 
+    A single operand that is a stack of H operators gives the H-block diagonal of its heads, as one network.
+
     Example:
         >>> import structmat as sm
         >>> sm.block_diag(sm.Dense(2, 3), sm.Dense(5, 7)).shape
@@ -144,13 +174,52 @@ class BlockDiagonal(LinearOperator):
 
     def __init__(self, *ops: LinearOperator) -> None:
         blocks, heads = _operand_list("BlockDiagonal", ops)
-        super().__init__((sum(op.shape[0] for op in ops), sum(op.shape[1] for op in ops)), heads)
+        if heads is not None and len(ops) > 1:
+            raise ValueError(
+                f"BlockDiagonal: a stack of heads must be the only operand (its heads become the blocks), got "
+                f"{', '.join(op.name for op in ops)}"
+            )
+        if heads is not None:  # one stack: H equal blocks, one per head
+            (op,) = ops
+            super().__init__((op.shape[0] * heads, op.shape[1] * heads))
+        else:
+            super().__init__((sum(op.shape[0] for op in ops), sum(op.shape[1] for op in ops)))
         self.blocks = blocks
+
+    @classmethod
+    def from_sizes(
+        cls,
+        m: int,
+        n: int,
+        nblocks: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> BlockDiagonal:
+        """``nblocks`` dense ``(m / nblocks, n / nblocks)`` blocks held as one stacked parameter (one einsum).
+
+        Example:
+            >>> import structmat as sm
+            >>> B = sm.BlockDiagonal.from_sizes(12, 20, nblocks=4)
+            >>> B.num_params, B.rank(), B.cost().flops  # 4 blocks of (3, 5)
+            (60, Rank(bound=12, exact=True), 120)
+        """
+        from .operators.dense import Dense
+
+        where = f"BlockDiagonal.from_sizes({m}, {n}, nblocks={nblocks})"
+        for what, v in (("m", m), ("n", n), ("nblocks", nblocks)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{where}: {what} must be a positive int, got {v!r}")
+        if m % nblocks or n % nblocks:
+            raise ValueError(f"{where}: nblocks must divide m={m} and n={n}")
+        return cls(Dense(m // nblocks, n // nblocks, heads=nblocks, dtype=dtype, device=device))
 
     def _operands(self) -> tuple[LinearOperator, ...]:
         return tuple(self.blocks)
 
     def _lower(self) -> Node:
+        if len(self.blocks) == 1 and self.blocks[0].heads is not None:
+            return _nodes.stack_blocks(self.blocks[0]._node)
         return _nodes.block_diag([op._node for op in self.blocks])
 
 

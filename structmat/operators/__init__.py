@@ -1,9 +1,25 @@
 """Operator leaves and families, one file each."""
 
+from .btt import BTT, BlockTensorTrain
 from .dense import Dense
 from .diagonal import Diagonal
 from .identity import Identity
+from .lowrank import LowRank
+from .monarch import Monarch
 from .permutation import Permutation
 from .tensor_network import TensorNetwork
+from .tt import TT, TensorTrain
 
-__all__ = ["Dense", "Diagonal", "Identity", "Permutation", "TensorNetwork"]
+__all__ = [
+    "Dense",
+    "Diagonal",
+    "Identity",
+    "Permutation",
+    "TensorNetwork",
+    "LowRank",
+    "BlockTensorTrain",
+    "BTT",
+    "Monarch",
+    "TensorTrain",
+    "TT",
+]

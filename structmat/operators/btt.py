@@ -1,0 +1,131 @@
+"""``BlockTensorTrain`` (``BTT``): N cores, each contracting one input mode while indexed by the other modes.
+
+With the input split ``n = i_1 ... i_N`` and the output ``m = o_1 ... o_N`` (row-major), core ``k`` (applied k-th)
+reads the input mode ``i_{N+1-k}`` and the bond ``r_{k-1}``, writes the output mode ``o_k`` and the bond ``r_k``, and
+is a separate block for every value of the modes not yet read (``i_1 .. i_{N-k}``) and already written
+(``o_1 .. o_{k-1}``). For two cores with bond ``s`` this is the paper's BTT, ``R[a,c,s,b] L[c,d,a,s]`` with input
+``(a, b)`` and output ``(c, d)``; with ``s = 1`` it is Monarch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import final
+
+import torch
+
+from .._base import LinearOperator
+from .._factors import check_factors, check_int, check_ranks
+from .._family import check_heads, define_network
+from .._network import Network
+from .._nodes import NetNode, Node
+
+__all__ = ["BlockTensorTrain", "BTT", "btt_network"]
+
+
+def btt_network(
+    owner: torch.nn.Module,
+    in_factors: tuple[int, ...],
+    out_factors: tuple[int, ...],
+    ranks: tuple[int, ...],
+    *,
+    heads: int | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    where: str,
+) -> Network:
+    """Register the cores ``core0 .. core{N-1}`` on ``owner`` and return the BTT network (see the module doc)."""
+    cores = len(in_factors)
+    bonds = (1, *ranks, 1)
+    sizes: dict[str, int] = {}
+    for k in range(cores):
+        sizes[f"i{k}"] = in_factors[k]
+        sizes[f"o{k}"] = out_factors[k]
+    for k in range(cores + 1):
+        sizes[f"r{k}"] = bonds[k]
+    factors = []
+    for k in range(cores):
+        read = cores - 1 - k  # the input mode core k contracts
+        blocks = [f"o{j}" for j in range(k)] + [f"i{j}" for j in range(read)]
+        labels = blocks + [f"r{k}", f"o{k}", f"i{read}", f"r{k + 1}"]
+        factors.append((f"core{k}", tuple(labels)))
+    inputs = tuple(f"i{k}" for k in range(cores))
+    outputs = tuple(f"o{k}" for k in range(cores))
+    return define_network(
+        owner, factors, sizes, inputs, outputs, heads=heads, dtype=dtype, device=device,
+        exact_rank=cores == 2, where=where,
+    )
+
+
+@final
+class BlockTensorTrain(LinearOperator):
+    """A block tensor-train matrix (Qiu et al. 2024): N >= 2 cores joined by bond ranks, rectangular.
+
+    Args:
+        m: rows; split row-major as ``out_factors``.
+        n: columns; split row-major as ``in_factors``.
+        ranks: the bond rank between consecutive cores (an int for all, or N-1 ints).
+        in_factors: the input split (default: balanced, two cores unless ``out_factors`` says more).
+        out_factors: the output split (same number of factors as ``in_factors``).
+        heads: a stack of this many independent operators, or None.
+        dtype: parameter dtype.
+        device: parameter device.
+
+    The rank bound is the network's minimal cut; for two cores it is the rank for generic parameters (each of the
+    ``a * c`` blocks ``W[(c, :), (a, :)] = L[c, :, a, :] R[a, c, :, :]`` is an independent generic matrix of rank
+    ``min(d, s, b)``).
+
+    Example:
+        >>> import structmat as sm
+        >>> A = sm.BTT(64, 64, ranks=2)  # cores (8, 8) x (8, 8), bond 2
+        >>> A.num_params, A.rank(), A.cost().flops  # 2 * (8*8*2*8*8) = 2 * 2 * 8**4 / 8 * 8 ...
+        (2048, Rank(bound=64, exact=True), 4096)
+    """
+
+    def __init__(
+        self,
+        m: int,
+        n: int,
+        *,
+        ranks: int | Sequence[int],
+        in_factors: Sequence[int] | None = None,
+        out_factors: Sequence[int] | None = None,
+        heads: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        where = f"BlockTensorTrain({m}, {n}, ranks={ranks!r})"
+        m = check_int(where, "m", m)
+        n = check_int(where, "n", n)
+        parts = len(in_factors) if in_factors is not None else len(out_factors) if out_factors is not None else 2
+        if parts < 2:
+            raise ValueError(f"{where}: needs at least 2 cores, got factors for {parts}")
+        self_in = check_factors(where, "in_factors", n, in_factors, parts)
+        self_out = check_factors(where, "out_factors", m, out_factors, parts)
+        if len(self_in) != len(self_out):
+            raise ValueError(
+                f"{where}: in_factors={list(self_in)} and out_factors={list(self_out)} must have the same length"
+            )
+        bonds = check_ranks(where, ranks, parts - 1)
+        super().__init__((m, n), check_heads(where, heads))
+        self.in_factors, self.out_factors, self.ranks = self_in, self_out, bonds
+        self._network = btt_network(
+            self, self_in, self_out, bonds, heads=heads, dtype=dtype, device=device, where=where
+        )
+
+    @property
+    def name(self) -> str:
+        stack = f", heads={self.heads}" if self.heads is not None else ""
+        return f"BTT({self.shape[0]}, {self.shape[1]}, ranks={list(self.ranks)}{stack})"
+
+    @property
+    def cores(self) -> list[torch.nn.Parameter]:
+        """The core tensors, in the order they are applied."""
+        return [getattr(self, f"core{k}") for k in range(len(self.in_factors))]
+
+    def _lower(self) -> Node:
+        return NetNode(self._network)
+
+
+BTT = BlockTensorTrain

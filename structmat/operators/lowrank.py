@@ -1,0 +1,67 @@
+"""``LowRank``: ``U V`` with an inner rank r; its network is the chain ``U[o,r] V[r,i]``."""
+
+from __future__ import annotations
+
+from typing import final
+
+import torch
+
+from .._base import LinearOperator
+from .._factors import check_int
+from .._family import check_heads, define_network
+from .._nodes import NetNode, Node
+
+__all__ = ["LowRank"]
+
+
+@final
+class LowRank(LinearOperator):
+    """``A = U V`` with ``U`` of shape ``(m, r)`` and ``V`` of shape ``(r, n)``: rank ``r``, ``r (m + n)`` parameters.
+
+    Args:
+        m: rows.
+        n: columns.
+        rank: the inner dimension r, ``1 <= r <= min(m, n)``.
+        heads: a stack of this many independent operators (parameters ``(H, m, r)``, ``(H, r, n)``), or None.
+        dtype: parameter dtype.
+        device: parameter device (``"meta"`` for shape-only queries).
+
+    Example:
+        >>> import torch, structmat as sm
+        >>> A = sm.LowRank(12, 7, rank=3)
+        >>> A.rank(), A.num_params, A.cost(batch=2).flops  # 2 * 2 * 3 * (12 + 7)
+        (Rank(bound=3, exact=True), 57, 228)
+        >>> torch.allclose(A.dense(), A.U @ A.V)
+        True
+    """
+
+    U: torch.nn.Parameter
+    V: torch.nn.Parameter
+
+    def __init__(
+        self,
+        m: int,
+        n: int,
+        rank: int,
+        *,
+        heads: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__((m, n), check_heads("LowRank", heads))
+        where = f"LowRank({m}, {n}, rank={rank})"
+        self.rank_ = check_int(where, "rank", rank)
+        if rank > min(m, n):
+            raise ValueError(f"{where}: rank must be <= min(m, n) = {min(m, n)}, got {rank}")
+        self._network = define_network(
+            self, [("U", ("o", "r")), ("V", ("r", "i"))], dict(o=m, r=rank, i=n), ("i",), ("o",),
+            heads=heads, dtype=dtype, device=device, where=where,
+        )
+
+    @property
+    def name(self) -> str:
+        stack = f", heads={self.heads}" if self.heads is not None else ""
+        return f"LowRank({self.shape[0]}, {self.shape[1]}, rank={self.rank_}{stack})"
+
+    def _lower(self) -> Node:
+        return NetNode(self._network)

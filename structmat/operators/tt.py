@@ -1,0 +1,90 @@
+"""``TensorTrain`` (``TT``): the tensor-train matrix (MPO) format, a chain of cores ``G_k[r_{k-1}, o_k, i_k, r_k]``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import final
+
+import torch
+
+from .._base import LinearOperator
+from .._factors import check_factors, check_int, check_ranks
+from .._family import check_heads, define_network
+from .._nodes import NetNode, Node
+
+__all__ = ["TensorTrain", "TT"]
+
+
+@final
+class TensorTrain(LinearOperator):
+    """A tensor-train matrix: ``A[(o_1..o_N), (i_1..i_N)] = G_1[o_1, i_1, :] G_2[:, o_2, i_2, :] ... G_N[:, o_N, i_N]``.
+
+    The network is a chain (a tree), so its minimal cut is the rank for generic cores.
+
+    Args:
+        m: rows; split as ``out_factors``.
+        n: columns; split as ``in_factors``.
+        ranks: bond ranks (an int for all, or N-1 ints).
+        in_factors: the input split (default: balanced, two cores unless ``out_factors`` says more).
+        out_factors: the output split, as many factors as ``in_factors``.
+        heads: a stack of this many independent operators, or None.
+        dtype: parameter dtype.
+        device: parameter device.
+
+    Example:
+        >>> import structmat as sm
+        >>> A = sm.TT(27, 8, ranks=2, in_factors=(2, 2, 2), out_factors=(3, 3, 3))
+        >>> A.num_params, A.rank()  # 6*2 + 2*6*2 + 2*6
+        (48, Rank(bound=8, exact=True))
+    """
+
+    def __init__(
+        self,
+        m: int,
+        n: int,
+        *,
+        ranks: int | Sequence[int],
+        in_factors: Sequence[int] | None = None,
+        out_factors: Sequence[int] | None = None,
+        heads: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        where = f"TensorTrain({m}, {n}, ranks={ranks!r})"
+        m = check_int(where, "m", m)
+        n = check_int(where, "n", n)
+        parts = len(in_factors) if in_factors is not None else len(out_factors) if out_factors is not None else 2
+        if parts < 2:
+            raise ValueError(f"{where}: needs at least 2 cores, got factors for {parts}")
+        fin = check_factors(where, "in_factors", n, in_factors, parts)
+        fout = check_factors(where, "out_factors", m, out_factors, parts)
+        if len(fin) != len(fout):
+            raise ValueError(f"{where}: in_factors={list(fin)} and out_factors={list(fout)} must have the same length")
+        bonds = check_ranks(where, ranks, parts - 1)
+        super().__init__((m, n), check_heads(where, heads))
+        self.in_factors, self.out_factors, self.ranks = fin, fout, bonds
+        full = (1, *bonds, 1)
+        sizes = {f"r{k}": full[k] for k in range(parts + 1)}
+        sizes.update({f"i{k}": fin[k] for k in range(parts)})
+        sizes.update({f"o{k}": fout[k] for k in range(parts)})
+        factors = [(f"core{k}", (f"r{k}", f"o{k}", f"i{k}", f"r{k + 1}")) for k in range(parts)]
+        self._network = define_network(
+            self, factors, sizes, tuple(f"i{k}" for k in range(parts)), tuple(f"o{k}" for k in range(parts)),
+            heads=heads, dtype=dtype, device=device, where=where,
+        )
+
+    @property
+    def name(self) -> str:
+        stack = f", heads={self.heads}" if self.heads is not None else ""
+        return f"TT({self.shape[0]}, {self.shape[1]}, ranks={list(self.ranks)}{stack})"
+
+    @property
+    def cores(self) -> list[torch.nn.Parameter]:
+        """The cores ``G_1 .. G_N``, each ``(r_{k-1}, o_k, i_k, r_k)``."""
+        return [getattr(self, f"core{k}") for k in range(len(self.in_factors))]
+
+    def _lower(self) -> Node:
+        return NetNode(self._network)
+
+
+TT = TensorTrain
