@@ -460,34 +460,49 @@ def kron(nodes: list[Node]) -> Node:
     return KronNode(flat)
 
 
-def stack_blocks(node: Node) -> Node:
-    """The block-diagonal matrix whose blocks are the H operators of a stack (block h = head h).
+def stack_blocks(node: Node, keep: int | None = None) -> Node:
+    """The block-diagonal matrix whose blocks are the operators of a stack.
 
-    A stacked network turns its head label into a diagonal mode; sums and chains of stacks map over their parts
-    (the block-diagonal of a sum is the sum of block-diagonals, likewise for products); a part that is not a stack
-    is the same block for every head, ``I_H ⊗ part``.
+    With ``keep=None`` the H heads become H diagonal blocks (block j = head j). With ``keep=K`` (K dividing H) the
+    result is a stack of K block-diagonals of ``H / K`` blocks each: head ``k`` holds the stacked operators
+    ``k * (H/K) .. (k+1) * (H/K) - 1``.
+
+    A stacked network turns (part of) its head label into a diagonal mode; sums and chains of stacks map over their
+    parts (the block-diagonal of a sum is the sum of the block-diagonals, likewise for products); a part that is not
+    a stack is the same block everywhere, ``I ⊗ part``.
     """
     heads = node.heads
     if heads is None:
         raise ValueError("stack_blocks: the operator is not a stack of heads")
-    return _blocks(node, heads)
+    keep = keep or 1
+    if heads % keep:
+        raise ValueError(f"stack_blocks: {keep} heads do not divide a stack of {heads}")
+    return _blocks(node, heads // keep, keep if keep > 1 else None)
 
 
-def _blocks(node: Node, heads: int) -> Node:
+def _blocks(node: Node, nblocks: int, keep: int | None) -> Node:
     if isinstance(node, NetNode):
         net = node.network
         if net.head is None:
-            return NetNode(net.padded(heads, 1))
-        label = net.head
+            return NetNode(net.padded(nblocks, 1))
+        lab = net.head[0]
+        if keep is None:
+            block = net.head
+            return NetNode(
+                Network(net.factors, (block, *net.in_modes), (block, *net.out_modes), net.scale, None, net.vouched)
+            )
+        nxt = net.max_label() + 1
+        net = net.split(lab, (keep, nblocks), (nxt, nxt + 1))
+        block = (nxt + 1, nblocks)
         return NetNode(
-            Network(net.factors, (label, *net.in_modes), (label, *net.out_modes), net.scale, None, net.vouched)
+            Network(net.factors, (block, *net.in_modes), (block, *net.out_modes), net.scale, (nxt, keep), net.vouched)
         )
     if isinstance(node, SumNode) and node.full:
-        return SumNode([_blocks(c, heads) for c in node.children], node.m * heads, node.n * heads)
+        return SumNode([_blocks(c, nblocks, keep) for c in node.children], node.m * nblocks, node.n * nblocks)
     if isinstance(node, ChainNode):
-        return ChainNode([_blocks(c, heads) for c in node.children])
+        return ChainNode([_blocks(c, nblocks, keep) for c in node.children])
     if node.heads is None:
-        return KronNode([NetNode(Network((), ((0, heads),), ((0, heads),))), node])
+        return KronNode([NetNode(Network((), ((0, nblocks),), ((0, nblocks),))), node])
     raise ValueError(f"stack_blocks: cannot lay out a stacked {type(node).__name__} as blocks")
 
 

@@ -164,7 +164,9 @@ class Kronecker(LinearOperator):
 class BlockDiagonal(LinearOperator):
     """``diag(A_1, A_2, ...)``: blocks of any shapes along the diagonal (``torch.block_diag`` layout).
 
-    A single operand that is a stack of H operators gives the H-block diagonal of its heads, as one network.
+    A single operand that is a stack of H operators gives the H-block diagonal of its heads, as one network; with
+    ``heads=K`` it gives a stack of K block-diagonals of H/K blocks each (head k takes the stacked operators
+    ``k*H/K .. (k+1)*H/K - 1``).
 
     Example:
         >>> import structmat as sm
@@ -172,16 +174,24 @@ class BlockDiagonal(LinearOperator):
         (7, 10)
     """
 
-    def __init__(self, *ops: LinearOperator) -> None:
-        blocks, heads = _operand_list("BlockDiagonal", ops)
-        if heads is not None and len(ops) > 1:
+    def __init__(self, *ops: LinearOperator, heads: int | None = None) -> None:
+        blocks, stack = _operand_list("BlockDiagonal", ops)
+        if stack is not None and len(ops) > 1:
             raise ValueError(
                 f"BlockDiagonal: a stack of heads must be the only operand (its heads become the blocks), got "
                 f"{', '.join(op.name for op in ops)}"
             )
-        if heads is not None:  # one stack: H equal blocks, one per head
+        if heads is not None:
+            if stack is None:
+                raise ValueError(f"BlockDiagonal(heads={heads}): heads needs one stacked operand, got "
+                                 f"{', '.join(op.name for op in ops)}")
+            if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1 or stack % heads:
+                raise ValueError(f"BlockDiagonal(heads={heads!r}): heads must be a positive int dividing the "
+                                 f"operand's {stack} stacked operators")
+        if stack is not None:  # one stack: its operators become equal blocks (grouped per head when heads is set)
             (op,) = ops
-            super().__init__((op.shape[0] * heads, op.shape[1] * heads))
+            nblocks = stack // (heads or 1)
+            super().__init__((op.shape[0] * nblocks, op.shape[1] * nblocks), heads)
         else:
             super().__init__((sum(op.shape[0] for op in ops), sum(op.shape[1] for op in ops)))
         self.blocks = blocks
@@ -219,7 +229,7 @@ class BlockDiagonal(LinearOperator):
 
     def _lower(self) -> Node:
         if len(self.blocks) == 1 and self.blocks[0].heads is not None:
-            return _nodes.stack_blocks(self.blocks[0]._node)
+            return _nodes.stack_blocks(self.blocks[0]._node, self.heads)
         return _nodes.block_diag([op._node for op in self.blocks])
 
 
