@@ -209,7 +209,45 @@ class Network:
             edges.setdefault(lab, set()).add("S")
         for lab in outs:
             edges.setdefault(lab, set()).add("T")
-        return _hyper_min_cut(edges, sizes)
+        prod, cut, _ = _hyper_min_cut(edges, sizes)
+        return prod, cut
+
+    def bilinear_split(self) -> tuple[Network, Network] | None:
+        """Split at the minimal cut: ``W = L^T R`` with ``R`` (the input side) and ``L`` (the output side, read from
+        the output modes) both mapping to the cut labels (with the diagonal labels kept as block labels).
+
+        ``x_q^T W x_k = <L x_q, R x_k>`` then costs the cut width per pair. Returns ``(R, L)`` as networks whose output
+        modes are ``diagonal labels + cut labels`` (in one order for both), or None when there is nothing to split
+        (a network without factors). The scale rides on ``R``.
+        """
+        if not self.factors:
+            return None
+        diag = self._per_head()
+        sizes = self.sizes()
+        ins = {lab for lab, _ in self.in_modes} - diag
+        outs = {lab for lab, _ in self.out_modes} - diag
+        edges: dict[int, set[Any]] = {}
+        for k, fa in enumerate(self.factors):
+            for lab in fa.labels:
+                if lab not in diag:
+                    edges.setdefault(lab, set()).add(k)
+        for lab in ins:
+            edges.setdefault(lab, set()).add("S")
+        for lab in outs:
+            edges.setdefault(lab, set()).add("T")
+        _, cut, source_side = _hyper_min_cut(edges, sizes)
+        block = [lab for lab, _ in self.in_modes if lab in self.diagonal_labels()]
+        feature = tuple((lab, sizes[lab]) for lab in (*block, *sorted(cut)))
+        right = tuple(fa for k, fa in enumerate(self.factors) if k in source_side)
+        left = tuple(fa for k, fa in enumerate(self.factors) if k not in source_side)
+
+        def side(factors: tuple[Factor, ...], modes: tuple[Mode, ...], scale: float) -> Network:
+            head = self.head
+            if head is not None and not any(head[0] in fa.labels for fa in factors):
+                head = None
+            return Network(factors, modes, feature, scale, head)
+
+        return side(right, self.in_modes, self.scale), side(left, self.out_modes, 1.0)
 
     def is_tree(self) -> bool:
         """True when the factors and the labels joining two or more of them form a forest (diagonal labels aside)."""
@@ -386,8 +424,13 @@ def kron_networks(nets: list[Network]) -> Network:
 
 
 # -- min cut on a hypergraph with multiplicative capacities ------------------------------------------------------------
-def _hyper_min_cut(edges: dict[int, set[Any]], sizes: dict[int, int]) -> tuple[int, frozenset[int]]:
-    """Min over S-T cuts of the product of the sizes of the hyperedges cut (max-flow on log sizes)."""
+def _hyper_min_cut(
+    edges: dict[int, set[Any]], sizes: dict[int, int]
+) -> tuple[int, frozenset[int], frozenset[Any]]:
+    """Min over S-T cuts of the product of the sizes of the hyperedges cut (max-flow on log sizes).
+
+    Returns the product, the labels cut and the nodes on the source side.
+    """
     graph: dict[Any, dict[Any, float]] = {"S": {}, "T": {}}
 
     def add(u: Any, v: Any, cap: float) -> None:
@@ -428,5 +471,8 @@ def _hyper_min_cut(edges: dict[int, set[Any]], sizes: dict[int, int]) -> tuple[i
             graph[u][v] -= push
             graph[v][u] += push
     reach = set(parent)
-    cut = frozenset(lab for lab in edges if ("in", lab) in reach and ("out", lab) not in reach)
-    return math.prod(sizes[lab] for lab in cut), cut
+    side = {v for v in reach if not isinstance(v, tuple)}
+    cut = frozenset(
+        lab for lab, ends in edges.items() if len(ends) >= 2 and len({v in side for v in ends}) == 2
+    )
+    return math.prod(sizes[lab] for lab in cut), cut, frozenset(side)
