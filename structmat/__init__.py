@@ -11,6 +11,7 @@ Example:
 
 from ._base import LinearOperator
 from ._cost import Contraction, Cost, Rank
+from .bilinear import bilinear_split
 from .combinators import BlockDiagonal, Kronecker, Product, Scaled, Sum, Transpose, block_diag, kron
 from .operators import (
     BTT,
@@ -54,4 +55,5 @@ __all__ = [
     "kron",
     "block_diag",
     "numerical_rank",
+    "bilinear_split",
 ]
