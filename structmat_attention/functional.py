@@ -1,0 +1,371 @@
+"""Attention whose score between tokens i and j is a sum of bilinear forms through structmat operators.
+
+``s(i, j) = Σ_l [i and j in the same level-l block] · c_l · x_i^T W_l x_j``
+
+Level ``l`` splits the positions into contiguous blocks of ``block_size`` tokens (None: one block, global); ``W_l`` is
+any structmat operator, or a stack of one per head. Each ``W_l`` is applied through its cheapest split
+``W_l = L_l^T R_l`` (:func:`structmat.bilinear_split`): queries become ``L_l x_i``, keys ``R_l x_j``, and a pair
+costs the cut width ``r_l`` instead of the full dimension.
+
+Standard attention is one global level with ``W = W_Q^T W_K`` (``LowRank``); Bilinear BTT attention is one level with
+``W = BTT``; MLR attention has levels with ``T_l = T / 2^l`` and low-rank ``W_l``.
+
+Memory: the scores of every level accumulate, in place, into ONE ``(T_q, T_k)`` matrix per head (a blocked level
+only touches its diagonal blocks). :func:`structured_attention` with ``key_block=B`` instead streams over key blocks
+with an online softmax and never holds more than ``(T_q, B)`` scores per head.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+import structmat as sm
+
+__all__ = ["Level", "bilinear_scores", "structured_attention", "level_features", "resolve_scale"]
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of a multi-level bilinear score.
+
+    Attributes:
+        block_size: tokens per contiguous block (positions counted from 0); None for one global block.
+        op: the operator ``W`` of shape ``(D_q, D_k)``, or a stack of one per head.
+        scale: the level's constant ``c_l``.
+        window: instead of blocks, a sliding window: query i and key j interact when ``|i - j| < window``
+            (positions absolute). Exclusive with ``block_size``.
+    """
+
+    block_size: int | None
+    op: sm.LinearOperator
+    scale: float = 1.0
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.op, sm.LinearOperator):
+            raise TypeError(f"Level: op must be a structmat LinearOperator, got {type(self.op).__name__}")
+        b = self.block_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1):
+            raise ValueError(f"Level({self.op.name}): block_size must be None or an int >= 1, got {b!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real):
+            raise TypeError(f"Level({self.op.name}): scale must be a real number, got {self.scale!r}")
+        w = self.window
+        if w is not None:
+            if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1:
+                raise ValueError(f"Level({self.op.name}): window must be None or an int >= 1, got {w!r}")
+            if b is not None:
+                raise ValueError(f"Level({self.op.name}): give block_size={b} or window={w}, not both")
+
+    def pair_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        """Which (query, key) positions this level joins, or None when it joins all."""
+        if self.block_size is not None:
+            return (q_pos[:, None] // self.block_size) == (k_pos[None, :] // self.block_size)
+        if self.window is not None:
+            return (q_pos[:, None] - k_pos[None, :]).abs() < self.window
+        return None
+
+
+_SPLITS: weakref.WeakKeyDictionary[sm.LinearOperator, tuple[sm.LinearOperator, sm.LinearOperator]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _split(op: sm.LinearOperator) -> tuple[sm.LinearOperator, sm.LinearOperator]:
+    parts = _SPLITS.get(op)
+    if parts is None:
+        parts = _SPLITS[op] = sm.bilinear_split(op)
+    return parts
+
+
+def _as_levels(levels: sm.LinearOperator | Level | Sequence[Level], where: str) -> list[Level]:
+    if isinstance(levels, sm.LinearOperator):
+        return [Level(None, levels)]
+    if isinstance(levels, Level):
+        return [levels]
+    if isinstance(levels, (list, tuple)) and levels and all(isinstance(lv, Level) for lv in levels):
+        return list(levels)
+    raise TypeError(f"{where}: expected an operator, a Level or a non-empty list of Levels, got {levels!r}")
+
+
+def _side(op: sm.LinearOperator, x: torch.Tensor) -> torch.Tensor:
+    """``op`` on the last dim of ``x`` (..., T, D) -> (..., T, r), or (..., H, T, r) for a stack."""
+    y = op(x)
+    return y.movedim(-2, -3) if op.heads is not None else y
+
+
+def level_features(level: Level, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key features of one level: ``(L x_q, R x_k)``, each ``(..., [H,] T, r)``."""
+    left, right = _split(level.op)
+    return _side(left, x_q), _side(right, x_k)
+
+
+def resolve_scale(scale: float | str, width: int, where: str = "bilinear_scores") -> float:
+    """The logit scale: a number, or ``"sqrt"`` (1/sqrt(d)) or ``"mup"`` (1/d) for feature width ``d``.
+
+    >>> resolve_scale("sqrt", 64), resolve_scale("mup", 64), resolve_scale(0.5, 64)
+    (0.125, 0.015625, 0.5)
+    """
+    if isinstance(scale, str):
+        if scale == "sqrt":
+            return 1.0 / math.sqrt(width)
+        if scale == "mup":
+            return 1.0 / width
+        raise ValueError(f"{where}: scale must be a number, 'sqrt' (1/sqrt(d)) or 'mup' (1/d), got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{where}: scale must be a number, 'sqrt' or 'mup', got {type(scale).__name__}")
+    return float(scale)
+
+
+def _check(levels: list[Level], x_q: torch.Tensor, x_k: torch.Tensor, where: str) -> int | None:
+    for name, x in (("x_q", x_q), ("x_k", x_k)):
+        if not isinstance(x, torch.Tensor) or x.ndim < 2:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{where}: {name} must be a tensor of shape (..., T, D), got {got}")
+    heads = {lv.op.heads for lv in levels} - {None}
+    if len(heads) > 1:
+        raise ValueError(f"{where}: levels are stacks of different numbers of heads {sorted(heads)}")
+    for lv in levels:
+        m, n = lv.op.shape
+        if x_q.shape[-1] != m or x_k.shape[-1] != n:
+            raise ValueError(
+                f"{where}: {lv.op.name} needs x_q (..., T_q, {m}) and x_k (..., T_k, {n}), "
+                f"got {tuple(x_q.shape)} and {tuple(x_k.shape)}"
+            )
+    return heads.pop() if heads else None
+
+
+def _block_ranges(block: int, t_q: int, t_k: int, q_offset: int) -> list[tuple[int, int, int, int]]:
+    """``(q0, q1, k0, k1)`` for every block that holds both queries (at ``q_offset + i``) and keys (at ``j``)."""
+    out = []
+    first, last = q_offset // block, (q_offset + t_q - 1) // block
+    for u in range(first, last + 1):
+        k0, k1 = u * block, min((u + 1) * block, t_k)
+        if k0 >= k1:
+            continue
+        q0, q1 = max(u * block - q_offset, 0), min((u + 1) * block - q_offset, t_q)
+        out.append((q0, q1, k0, k1))
+    return out
+
+
+def _features(
+    levels: list[Level], x_q: torch.Tensor, x_k: torch.Tensor, scale: float | str, qk_norm: bool, heads: int | None
+) -> list[tuple[Level, torch.Tensor, torch.Tensor, float]]:
+    feats = [(lv, *level_features(lv, x_q, x_k)) for lv in levels]
+    width = sum(q.shape[-1] for _, q, _ in feats)
+    base = resolve_scale(scale, width)
+    out = []
+    for lv, q, k in feats:
+        if qk_norm:
+            q = torch.nn.functional.layer_norm(q, q.shape[-1:])
+            k = torch.nn.functional.layer_norm(k, k.shape[-1:])
+        if heads is not None:  # a side shared by the heads broadcasts over them
+            q = q if q.ndim == x_q.ndim + 1 else q.unsqueeze(-3)
+            k = k if k.ndim == x_k.ndim + 1 else k.unsqueeze(-3)
+        out.append((lv, q, k, base * lv.scale))
+    return out
+
+
+def bilinear_scores(
+    x_q: torch.Tensor,
+    x_k: torch.Tensor,
+    levels: sm.LinearOperator | Level | Sequence[Level],
+    scale: float | str = 1.0,
+    *,
+    q_offset: int = 0,
+    qk_norm: bool = False,
+) -> torch.Tensor:
+    """``s[..., i, j] = scale · Σ_l [same level-l block] · c_l · x_q[i]^T W_l x_k[j]``.
+
+    Args:
+        x_q: queries' tokens ``(..., T_q, D_q)``.
+        x_k: keys' tokens ``(..., T_k, D_k)``.
+        levels: an operator ``W`` (one global level), a :class:`Level`, or a list of them.
+        scale: a number, ``"sqrt"`` (1/sqrt(d)) or ``"mup"`` (1/d), with d the total feature width over levels.
+        q_offset: absolute position of the first query (keys start at 0), for incremental decoding.
+        qk_norm: layer-normalize each level's query and key features (no affine) before the product.
+
+    Returns:
+        ``(..., T_q, T_k)``, or ``(..., H, T_q, T_k)`` when the operators are stacks of H heads.
+
+    Example:
+        >>> import torch, structmat as sm
+        >>> from structmat_attention import bilinear_scores, Level
+        >>> W = sm.LowRank(8, 8, rank=2)
+        >>> x = torch.randn(5, 8)
+        >>> torch.allclose(bilinear_scores(x, x, W), x @ W.dense() @ x.T, atol=1e-5)
+        True
+        >>> s = bilinear_scores(x, x, [Level(None, W), Level(2, sm.LowRank(8, 8, rank=1))])
+        >>> s.shape
+        torch.Size([5, 5])
+    """
+    where = "bilinear_scores"
+    lvs = _as_levels(levels, where)
+    heads = _check(lvs, x_q, x_k, where)
+    feats = _features(lvs, x_q, x_k, scale, qk_norm, heads)
+    return _scores(feats, x_q.shape[-2], x_k.shape[-2], q_offset)
+
+
+def _scores(feats: list, t_q: int, t_k: int, q_offset: int) -> torch.Tensor:
+    """Accumulate every level into one score matrix per head: global levels first, then the diagonal blocks."""
+    lead = torch.broadcast_shapes(*(q.shape[:-2] for _, q, _, _ in feats), *(k.shape[:-2] for _, _, k, _ in feats))
+    s = None
+    for lv, q, k, c in sorted(feats, key=lambda f: f[0].block_size is not None or f[0].window is not None):
+        if lv.block_size is None and lv.window is None:
+            if s is None:
+                s = torch.matmul(q, k.mT)
+                if s.shape[:-2] != lead:
+                    s = s.expand(*lead, t_q, t_k).contiguous()
+                if c != 1.0:
+                    s = s.mul_(c)
+            else:  # in place: no second (T_q, T_k) matrix
+                q3 = q.expand(*lead, t_q, q.shape[-1]).reshape(-1, t_q, q.shape[-1])
+                k3 = k.expand(*lead, t_k, k.shape[-1]).reshape(-1, t_k, k.shape[-1])
+                s.view(-1, t_q, t_k).baddbmm_(q3, k3.mT, alpha=c)
+            continue
+        if s is None:
+            s = q.new_zeros(*lead, t_q, t_k)
+        if lv.block_size is not None:
+            for a, b, ka, kb in _block_ranges(lv.block_size, t_q, t_k, q_offset):
+                part = torch.matmul(q[..., a:b, :], k[..., ka:kb, :].mT)
+                s[..., a:b, ka:kb] += part * c if c != 1.0 else part
+            continue
+        w = lv.window
+        for a in range(0, t_q, w):  # query chunks of w see keys within w of their ends: a (w, <= 3w) tile each
+            b = min(a + w, t_q)
+            ka, kb = max(q_offset + a - w + 1, 0), min(q_offset + b + w - 1, t_k)
+            if ka >= kb:
+                continue
+            part = torch.matmul(q[..., a:b, :], k[..., ka:kb, :].mT)
+            near = lv.pair_mask(torch.arange(a, b, device=s.device) + q_offset, torch.arange(ka, kb, device=s.device))
+            part = part * near.to(part.dtype)
+            s[..., a:b, ka:kb] += part * c if c != 1.0 else part
+    return s
+
+
+def _mask_scores(
+    s: torch.Tensor, causal: bool, mask: torch.Tensor | None, q_offset: int, k_start: int = 0
+) -> torch.Tensor:
+    t_q, t_k = s.shape[-2:]
+    if causal:
+        qpos = torch.arange(t_q, device=s.device) + q_offset
+        kpos = torch.arange(t_k, device=s.device) + k_start
+        s = s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask, float("-inf"))
+        else:
+            s = s + mask
+    return s
+
+
+def structured_attention(
+    x_q: torch.Tensor,
+    x_k: torch.Tensor,
+    v: torch.Tensor,
+    levels: sm.LinearOperator | Level | Sequence[Level],
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float | str = 1.0,
+    q_offset: int = 0,
+    qk_norm: bool = False,
+    key_block: int | None = None,
+) -> torch.Tensor:
+    """``softmax(bilinear_scores(x_q, x_k, levels) + masks) @ v``.
+
+    Args:
+        x_q: ``(..., T_q, D_q)``.
+        x_k: ``(..., T_k, D_k)``.
+        v: values ``(..., T_k, D_v)``, or ``(..., H, T_k, D_v)`` per head.
+        levels: an operator, a :class:`Level` or a list of Levels (see :func:`bilinear_scores`).
+        causal: query at absolute position ``q_offset + i`` sees keys ``j <= q_offset + i`` only.
+        mask: a boolean mask (True = may attend) or an additive float mask, broadcastable to the scores
+            ``(..., [H,] T_q, T_k)``.
+        scale: a number, ``"sqrt"`` or ``"mup"`` (see :func:`bilinear_scores`).
+        q_offset: absolute position of the first query (for decoding with a KV cache).
+        qk_norm: layer-normalize query and key features.
+        key_block: stream over blocks of this many keys with an online softmax (peak memory ``O(T_q · key_block)``
+            per head instead of ``O(T_q · T_k)``).
+
+    Returns:
+        ``(..., T_q, D_v)``, or ``(..., H, T_q, D_v)`` for stacks. A query that may attend to no key gets zeros.
+
+    Example:
+        >>> import torch, structmat as sm
+        >>> from structmat_attention import structured_attention
+        >>> W = sm.LowRank(8, 8, rank=4, heads=2)
+        >>> x, v = torch.randn(6, 8), torch.randn(2, 6, 3)
+        >>> out = structured_attention(x, x, v, W, causal=True)
+        >>> out.shape, torch.allclose(out, structured_attention(x, x, v, W, causal=True, key_block=4), atol=1e-6)
+        (torch.Size([2, 6, 3]), True)
+    """
+    where = "structured_attention"
+    lvs = _as_levels(levels, where)
+    heads = _check(lvs, x_q, x_k, where)
+    if not isinstance(v, torch.Tensor) or v.ndim < 2 or v.shape[-2] != x_k.shape[-2]:
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"{where}: v must have shape (..., T_k={x_k.shape[-2]}, D_v), got {got}")
+    if heads is not None and v.ndim == x_k.ndim:
+        v = v.unsqueeze(-3)  # one value set for every head
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{where}: mask must be a tensor or None, got {type(mask).__name__}")
+    if key_block is not None and (isinstance(key_block, bool) or not isinstance(key_block, int) or key_block < 1):
+        raise ValueError(f"{where}: key_block must be None or an int >= 1, got {key_block!r}")
+    feats = _features(lvs, x_q, x_k, scale, qk_norm, heads)
+    t_q, t_k = x_q.shape[-2], x_k.shape[-2]
+    if key_block is None or key_block >= t_k:
+        s = _mask_scores(_scores(feats, t_q, t_k, q_offset), causal, mask, q_offset)
+        p = torch.softmax(s, dim=-1)
+        p = torch.nan_to_num(p, nan=0.0)  # rows with no visible key
+        return torch.matmul(p, v)
+    return _streamed(feats, v, t_q, t_k, causal, mask, q_offset, key_block)
+
+
+def _streamed(
+    feats: list, v: torch.Tensor, t_q: int, t_k: int, causal: bool, mask: torch.Tensor | None, q_offset: int, kb: int
+) -> torch.Tensor:
+    """Online softmax over key blocks of ``kb`` keys: scores for one block at a time."""
+    running_max = None
+    denom = None
+    acc = None
+    for k0 in range(0, t_k, kb):
+        k1 = min(k0 + kb, t_k)
+        block = []
+        for lv, q, k, c in feats:
+            block.append((lv, q, k[..., k0:k1, :], c))
+        lead = torch.broadcast_shapes(*(q.shape[:-2] for _, q, _, _ in block), *(k.shape[:-2] for _, _, k, _ in block))
+        s = block[0][1].new_zeros(*lead, t_q, k1 - k0)
+        for lv, q, k, c in block:
+            part = torch.matmul(q, k.mT)
+            near = lv.pair_mask(torch.arange(t_q, device=s.device) + q_offset, torch.arange(k0, k1, device=s.device))
+            if near is not None:
+                part = part * near.to(part.dtype)
+            s = s + part * c if c != 1.0 else s + part
+        sub_mask = None
+        if mask is not None:
+            sub_mask = mask[..., k0:k1] if mask.shape[-1] != 1 else mask
+        s = _mask_scores(s, causal, sub_mask, q_offset, k0)
+        block_max = s.amax(dim=-1, keepdim=True)
+        if running_max is None:
+            new_max = block_max
+        else:
+            new_max = torch.maximum(running_max, block_max)
+        safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        p = torch.exp(s - safe)
+        vb = v[..., k0:k1, :]
+        if acc is None:
+            denom = p.sum(dim=-1, keepdim=True)
+            acc = torch.matmul(p, vb)
+        else:
+            old = torch.exp(torch.where(torch.isfinite(running_max), running_max, safe) - safe)
+            denom = denom * old + p.sum(dim=-1, keepdim=True)
+            acc = acc * old + torch.matmul(p, vb)
+        running_max = new_max
+    out = acc / denom
+    return torch.nan_to_num(out, nan=0.0)

@@ -1,0 +1,216 @@
+"""The functional attention core against explicit float64 references: per-pair matrices A_ij built densely."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import structmat as sm
+from structmat_attention import Level, bilinear_scores, structured_attention
+
+F64 = torch.float64
+
+
+def dense_heads(op: sm.LinearOperator) -> torch.Tensor:
+    """(H, D_q, D_k) for a stack, (1, D_q, D_k) for a single operator (references use dense())."""
+    d = op.dense()
+    return d if d.ndim == 3 else d.unsqueeze(0)
+
+
+def reference_scores(x_q, x_k, levels, q_offset=0, scale=1.0):
+    """s[h, i, j] = x_q[i]^T (Σ_l [pair in level l] c_l W_l[h]) x_k[j], one pair at a time."""
+    t_q, t_k = x_q.shape[0], x_k.shape[0]
+    heads = max(dense_heads(lv.op).shape[0] for lv in levels)
+    s = torch.zeros(heads, t_q, t_k, dtype=F64)
+    for i in range(t_q):
+        for j in range(t_k):
+            a = torch.zeros(heads, x_q.shape[1], x_k.shape[1], dtype=F64)
+            for lv in levels:
+                qi, kj = i + q_offset, j
+                if lv.block_size is not None and qi // lv.block_size != kj // lv.block_size:
+                    continue
+                if lv.window is not None and abs(qi - kj) >= lv.window:
+                    continue
+                a = a + lv.scale * dense_heads(lv.op)
+            s[:, i, j] = scale * torch.einsum("m,hmn,n->h", x_q[i], a, x_k[j])
+    return s
+
+
+def reference_attention(s, v, causal=False, q_offset=0, mask=None):
+    s = s.clone()
+    t_q, t_k = s.shape[-2:]
+    for i in range(t_q):
+        for j in range(t_k):
+            if (causal and j > i + q_offset) or (mask is not None and not bool(mask[i, j])):
+                s[..., i, j] = -math.inf
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p = p / p.sum(-1, keepdim=True)
+    return p @ v
+
+
+def lowrank(d, r, heads=None):
+    return sm.LowRank(d, d, rank=r, heads=heads, dtype=F64)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def test_standard_attention_is_lowrank_level():
+    d, r, h, t = 12, 3, 2, 7
+    W = lowrank(d, r, heads=h)
+    x = torch.randn(t, d, dtype=F64)
+    v = torch.randn(h, t, 5, dtype=F64)
+    q = torch.einsum("tm,hmr->htr", x, W.U)  # W = U V: query features U^T x, key features V x
+    k = torch.einsum("hrn,tn->htr", W.V, x)
+    expected = torch.softmax(q @ k.mT / math.sqrt(r), dim=-1) @ v
+    out = structured_attention(x, x, v, W, scale="sqrt")
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(bilinear_scores(x, x, W, scale="mup") * r, q @ k.mT)
+
+
+@pytest.mark.parametrize("t", [8, 7, 5])  # blocks divide T, and blocks that don't
+def test_multilevel_matches_pairwise_reference(t):
+    d, h = 6, 3
+    levels = [
+        Level(None, lowrank(d, 2, heads=h), 0.7),
+        Level(4, lowrank(d, 1, heads=h), 1.3),
+        Level(2, sm.BTT(d, d, ranks=1, in_factors=(2, 3), out_factors=(3, 2), heads=h, dtype=F64)),
+        Level(None, window=3, op=lowrank(d, 2, heads=h), scale=-0.4),
+    ]
+    x = torch.randn(2, t, d, dtype=F64)
+    s = bilinear_scores(x, x, levels)
+    for b in range(2):
+        torch.testing.assert_close(s[b], reference_scores(x[b], x[b], levels))
+    v = torch.randn(2, h, t, 4, dtype=F64)
+    out = structured_attention(x, x, v, levels, causal=True)
+    for b in range(2):
+        torch.testing.assert_close(out[b], reference_attention(reference_scores(x[b], x[b], levels), v[b], True))
+
+
+def test_rectangular_queries_keys_and_offset():
+    levels = [Level(None, sm.LowRank(5, 7, rank=2, dtype=F64)), Level(3, sm.Dense(5, 7, dtype=F64), 0.5)]
+    x_q, x_k = torch.randn(4, 5, dtype=F64), torch.randn(9, 7, dtype=F64)
+    s = bilinear_scores(x_q, x_k, levels, q_offset=5)
+    torch.testing.assert_close(s, reference_scores(x_q, x_k, levels, q_offset=5)[0])
+
+
+def test_one_level_mlr_equals_standard_attention():
+    d, t = 8, 6
+    W = lowrank(d, 4, heads=2)
+    x, v = torch.randn(t, d, dtype=F64), torch.randn(2, t, 3, dtype=F64)
+    torch.testing.assert_close(
+        structured_attention(x, x, v, [Level(t, W)], causal=True), structured_attention(x, x, v, W, causal=True)
+    )
+
+
+def test_identity_gives_dot_product_attention():
+    d, t = 5, 6
+    x, v = torch.randn(t, d, dtype=F64), torch.randn(t, 2, dtype=F64)
+    expected = torch.softmax(x @ x.T, dim=-1) @ v
+    torch.testing.assert_close(structured_attention(x, x, v, sm.Identity(d)), expected)
+
+
+def test_bilinear_btt_uses_raw_query_and_full_rank():
+    d = 16
+    W = sm.BTT(d, d, ranks=2, heads=2, dtype=F64)
+    L, R = sm.bilinear_split(W)
+    assert isinstance(L, sm.Identity) and R is W  # full rank: queries are the raw tokens
+    x = torch.randn(5, d, dtype=F64)
+    torch.testing.assert_close(bilinear_scores(x, x, W), torch.einsum("im,hmn,jn->hij", x, W.dense(), x))
+
+
+def test_key_block_streaming_matches():
+    d, h, t = 6, 2, 11
+    levels = [Level(None, lowrank(d, 2, heads=h)), Level(4, lowrank(d, 1, heads=h)), Level(None, lowrank(d, 1, heads=h), window=2)]
+    x = torch.randn(t, d, dtype=F64)
+    v = torch.randn(h, t, 3, dtype=F64)
+    pad = torch.ones(t, t, dtype=torch.bool)
+    pad[:, -2:] = False
+    for causal in (False, True):
+        full = structured_attention(x, x, v, levels, causal=causal, mask=pad)
+        for kb in (1, 3, 5):
+            torch.testing.assert_close(structured_attention(x, x, v, levels, causal=causal, mask=pad, key_block=kb), full)
+
+
+def test_padding_mask_and_fully_masked_rows():
+    d, t = 4, 5
+    x, v = torch.randn(t, d, dtype=F64), torch.randn(t, 3, dtype=F64)
+    W = sm.Dense(d, d, dtype=F64)
+    mask = torch.rand(t, t) > 0.3
+    mask[2] = False  # a query that sees nothing gets zeros
+    out = structured_attention(x, x, v, W, mask=mask)
+    s = reference_scores(x, x, [Level(None, W)])[0]
+    ref = reference_attention(s, v, mask=mask)
+    keep = mask.any(-1)
+    torch.testing.assert_close(out[keep], ref[keep])
+    assert torch.equal(out[2], torch.zeros(3, dtype=F64))
+    additive = torch.zeros(t, t, dtype=F64).masked_fill(~mask, -math.inf)
+    torch.testing.assert_close(structured_attention(x, x, v, W, mask=additive)[keep], ref[keep])
+
+
+def test_causal_does_not_leak():
+    d, t = 6, 9
+    levels = [Level(None, lowrank(d, 2, heads=2)), Level(4, lowrank(d, 2, heads=2)), Level(None, lowrank(d, 1, heads=2), window=3)]
+    x, v = torch.randn(t, d, dtype=F64), torch.randn(t, 3, dtype=F64)
+    base = structured_attention(x, x, v, levels, causal=True)
+    for pos in range(t):
+        x2, v2 = x.clone(), v.clone()
+        x2[pos] += 10.0
+        v2[pos] -= 5.0
+        out = structured_attention(x2, x2, v2, levels, causal=True)
+        torch.testing.assert_close(out[:, :pos], base[:, :pos])
+        assert not torch.allclose(out[:, pos:], base[:, pos:])
+
+
+def test_qk_norm():
+    d, t = 8, 5
+    W = lowrank(d, 4)
+    x = torch.randn(t, d, dtype=F64)
+    L, R = sm.bilinear_split(W)
+    q = torch.nn.functional.layer_norm(L(x), (4,))
+    k = torch.nn.functional.layer_norm(R(x), (4,))
+    torch.testing.assert_close(bilinear_scores(x, x, W, qk_norm=True), q @ k.T)
+
+
+def test_gradcheck():
+    d, t = 4, 5
+    W = lowrank(d, 2, heads=2)
+    levels = [Level(None, W), Level(2, sm.Dense(d, d, heads=2, dtype=F64), 0.5)]
+    x = torch.randn(t, d, dtype=F64, requires_grad=True)
+    v = torch.randn(2, t, 3, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v: structured_attention(x, x, v, levels, causal=True), (x, v))
+    assert torch.autograd.gradcheck(
+        lambda x, v: structured_attention(x, x, v, levels, causal=True, key_block=2), (x, v)
+    )
+    out = structured_attention(x, x, v, levels).sum()
+    out.backward()
+    assert W.U.grad is not None and W.U.grad.abs().sum() > 0
+
+
+def test_errors():
+    W = sm.Dense(4, 4)
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"Dense\(4, 4\) needs x_q \(\.\.\., T_q, 4\)"):
+        bilinear_scores(torch.randn(5, 3), x, W)
+    with pytest.raises(ValueError, match=r"x_q must be a tensor of shape \(\.\.\., T, D\), got \(4,\)"):
+        bilinear_scores(torch.randn(4), x, W)
+    with pytest.raises(TypeError, match="expected an operator, a Level or a non-empty list of Levels"):
+        bilinear_scores(x, x, [])
+    with pytest.raises(ValueError, match=r"v must have shape \(\.\.\., T_k=5, D_v\), got \(4, 2\)"):
+        structured_attention(x, x, torch.randn(4, 2), W)
+    with pytest.raises(ValueError, match="scale must be a number, 'sqrt' .* got 'cube'"):
+        bilinear_scores(x, x, W, scale="cube")
+    with pytest.raises(ValueError, match=r"block_size must be None or an int >= 1, got 0"):
+        Level(0, W)
+    with pytest.raises(ValueError, match="give block_size=2 or window=3, not both"):
+        Level(2, W, window=3)
+    with pytest.raises(TypeError, match="op must be a structmat LinearOperator, got Tensor"):
+        Level(None, torch.eye(4))
+    with pytest.raises(ValueError, match=r"stacks of different numbers of heads \[2, 3\]"):
+        bilinear_scores(x, x, [Level(None, sm.Dense(4, 4, heads=2)), Level(None, sm.Dense(4, 4, heads=3))])
+    with pytest.raises(ValueError, match="key_block must be None or an int >= 1, got 0"):
+        structured_attention(x, x, x, W, key_block=0)
