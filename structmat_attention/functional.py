@@ -211,8 +211,72 @@ def bilinear_scores(
     return _scores(feats, x_q.shape[-2], x_k.shape[-2], q_offset)
 
 
+Tile = tuple[int, int, int, int, "torch.Tensor | None"]
+
+
+def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a gradient over the dims its input was broadcast along."""
+    while grad.ndim > len(shape):
+        grad = grad.sum(0)
+    dims = [d for d, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1]
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+class _AddTiles(torch.autograd.Function):
+    """``s[..., a:b, ka:kb] += c * (q[..., a:b, :] @ k[..., ka:kb, :]^T) (* mask)`` for every tile, in place.
+
+    Autograd's own in-place slice updates clone the whole (T_q, T_k) gradient once per slice; this backward reads
+    the tiles of the incoming gradient directly.
+    """
+
+    @staticmethod
+    def forward(ctx, s, q, k, tiles, c):  # type: ignore[override]
+        for a, b, ka, kb, near in tiles:
+            part = torch.matmul(q[..., a:b, :], k[..., ka:kb, :].mT)
+            if near is not None:
+                part = part * near
+            s[..., a:b, ka:kb].add_(part, alpha=c)
+        ctx.mark_dirty(s)
+        ctx.save_for_backward(q, k)
+        ctx.tiles, ctx.c = tiles, c
+        return s
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        q, k = ctx.saved_tensors
+        lead = grad.shape[:-2]
+        gq = q.new_zeros(*lead, *q.shape[-2:]) if ctx.needs_input_grad[1] else None
+        gk = k.new_zeros(*lead, *k.shape[-2:]) if ctx.needs_input_grad[2] else None
+        for a, b, ka, kb, near in ctx.tiles:
+            g = grad[..., a:b, ka:kb]
+            if near is not None:
+                g = g * near
+            if gq is not None:
+                gq[..., a:b, :] += torch.matmul(g, k[..., ka:kb, :]) * ctx.c
+            if gk is not None:
+                gk[..., ka:kb, :] += torch.matmul(g.mT, q[..., a:b, :]) * ctx.c
+        gq = _reduce_to(gq, q.shape) if gq is not None else None
+        gk = _reduce_to(gk, k.shape) if gk is not None else None
+        return grad, gq, gk, None, None
+
+
+def _tiles(lv: Level, t_q: int, t_k: int, q_offset: int, device: torch.device, dtype: torch.dtype) -> list[Tile]:
+    if lv.block_size is not None:
+        return [(a, b, ka, kb, None) for a, b, ka, kb in _block_ranges(lv.block_size, t_q, t_k, q_offset)]
+    w = lv.window
+    assert w is not None  # noqa: S101 - internal invariant, Level validated it
+    out: list[Tile] = []
+    for a in range(0, t_q, w):  # query chunks of w see keys within w of their ends: a (w, <= 3w) tile each
+        b = min(a + w, t_q)
+        ka, kb = max(q_offset + a - w + 1, 0), min(q_offset + b + w - 1, t_k)
+        if ka < kb:
+            near = lv.pair_mask(torch.arange(a, b, device=device) + q_offset, torch.arange(ka, kb, device=device))
+            out.append((a, b, ka, kb, near.to(dtype)))
+    return out
+
+
 def _scores(feats: list, t_q: int, t_k: int, q_offset: int) -> torch.Tensor:
-    """Accumulate every level into one score matrix per head: global levels first, then the diagonal blocks."""
+    """Accumulate every level into one score matrix per head: global levels first, then blocks and windows."""
     lead = torch.broadcast_shapes(*(q.shape[:-2] for _, q, _, _ in feats), *(k.shape[:-2] for _, _, k, _ in feats))
     s = None
     for lv, q, k, c in sorted(feats, key=lambda f: f[0].block_size is not None or f[0].window is not None):
@@ -230,22 +294,47 @@ def _scores(feats: list, t_q: int, t_k: int, q_offset: int) -> torch.Tensor:
             continue
         if s is None:
             s = q.new_zeros(*lead, t_q, t_k)
-        if lv.block_size is not None:
-            for a, b, ka, kb in _block_ranges(lv.block_size, t_q, t_k, q_offset):
-                part = torch.matmul(q[..., a:b, :], k[..., ka:kb, :].mT)
-                s[..., a:b, ka:kb] += part * c if c != 1.0 else part
-            continue
-        w = lv.window
-        for a in range(0, t_q, w):  # query chunks of w see keys within w of their ends: a (w, <= 3w) tile each
-            b = min(a + w, t_q)
-            ka, kb = max(q_offset + a - w + 1, 0), min(q_offset + b + w - 1, t_k)
-            if ka >= kb:
-                continue
-            part = torch.matmul(q[..., a:b, :], k[..., ka:kb, :].mT)
-            near = lv.pair_mask(torch.arange(a, b, device=s.device) + q_offset, torch.arange(ka, kb, device=s.device))
-            part = part * near.to(part.dtype)
-            s[..., a:b, ka:kb] += part * c if c != 1.0 else part
+        s = _AddTiles.apply(s, q, k, _tiles(lv, t_q, t_k, q_offset, q.device, q.dtype), c)
     return s
+
+
+def _expanded(feats: list, t_q: int, t_k: int, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pair of features whose plain dot product is the multi-level score.
+
+    A blocked level's features are spread over one slot per block (``q ⊗ e_block(i)``), so a query and a key in
+    different blocks meet only zeros. Width ``Σ_l r_l · blocks_l``.
+    """
+    qs, ks = [], []
+    for lv, q, k, c in feats:
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        q = q.expand(*lead, *q.shape[-2:]) * c if c != 1.0 else q.expand(*lead, *q.shape[-2:])
+        k = k.expand(*lead, *k.shape[-2:])
+        if lv.block_size is not None:
+            b = lv.block_size
+            nb = -(-max(q_offset + t_q, t_k) // b)
+            qid = (torch.arange(t_q, device=q.device) + q_offset) // b
+            kid = torch.arange(t_k, device=k.device) // b
+            onehot_q = torch.nn.functional.one_hot(qid, nb).to(q.dtype)
+            onehot_k = torch.nn.functional.one_hot(kid, nb).to(k.dtype)
+            q = (q.unsqueeze(-1) * onehot_q[:, None, :]).flatten(-2)
+            k = (k.unsqueeze(-1) * onehot_k[:, None, :]).flatten(-2)
+        qs.append(q)
+        ks.append(k)
+    lead = torch.broadcast_shapes(*(q.shape[:-2] for q in qs), *(k.shape[:-2] for k in ks))
+    q = torch.cat([x.expand(*lead, *x.shape[-2:]) for x in qs], dim=-1)
+    k = torch.cat([x.expand(*lead, *x.shape[-2:]) for x in ks], dim=-1)
+    return q, k
+
+
+def _expanded_width(feats: list, t_q: int, t_k: int, q_offset: int) -> int | None:
+    """Width of :func:`_expanded`'s features, or None when a level (a window) has no such form."""
+    width = 0
+    for lv, q, _, _ in feats:
+        if lv.window is not None:
+            return None
+        blocks = 1 if lv.block_size is None else -(-max(q_offset + t_q, t_k) // lv.block_size)
+        width += q.shape[-1] * blocks
+    return width
 
 
 def _mask_scores(
@@ -276,6 +365,7 @@ def structured_attention(
     q_offset: int = 0,
     qk_norm: bool = False,
     key_block: int | None = None,
+    method: str = "auto",
 ) -> torch.Tensor:
     """``softmax(bilinear_scores(x_q, x_k, levels) + masks) @ v``.
 
@@ -292,6 +382,12 @@ def structured_attention(
         qk_norm: layer-normalize query and key features.
         key_block: stream over blocks of this many keys with an online softmax (peak memory ``O(T_q · key_block)``
             per head instead of ``O(T_q · T_k)``).
+        method: ``"scores"``: one (T_q, T_k) score matrix per head, levels accumulated into it in place;
+            ``"sdpa"``: torch's fused ``scaled_dot_product_attention`` on features whose plain dot product is the
+            multi-level score (a blocked level spreads its r_l features over one slot per block, width
+            ``Σ_l r_l · blocks_l``; no score matrix is held; not for windowed levels); ``"streamed"``: the online
+            softmax over ``key_block`` keys; ``"auto"`` (default): streamed when ``key_block`` is given, else sdpa
+            when its width is at most twice the direct width ``Σ_l r_l``, else scores.
 
     Returns:
         ``(..., T_q, D_v)``, or ``(..., H, T_q, D_v)`` for stacks. A query that may attend to no key gets zeros.
@@ -317,14 +413,73 @@ def structured_attention(
         raise TypeError(f"{where}: mask must be a tensor or None, got {type(mask).__name__}")
     if key_block is not None and (isinstance(key_block, bool) or not isinstance(key_block, int) or key_block < 1):
         raise ValueError(f"{where}: key_block must be None or an int >= 1, got {key_block!r}")
+    if method not in ("auto", "sdpa", "scores", "streamed"):
+        raise ValueError(f"{where}: method must be 'auto', 'sdpa', 'scores' or 'streamed', got {method!r}")
     feats = _features(lvs, x_q, x_k, scale, qk_norm, heads)
     t_q, t_k = x_q.shape[-2], x_k.shape[-2]
-    if key_block is None or key_block >= t_k:
-        s = _mask_scores(_scores(feats, t_q, t_k, q_offset), causal, mask, q_offset)
-        p = torch.softmax(s, dim=-1)
+    if key_block is not None and key_block < t_k and method in ("auto", "streamed"):
+        return _streamed(feats, v, t_q, t_k, causal, mask, q_offset, key_block)
+    if method == "streamed":
+        return _streamed(feats, v, t_q, t_k, causal, mask, q_offset, key_block or t_k)
+    width = _expanded_width(feats, t_q, t_k, q_offset)
+    direct = sum(q.shape[-1] for _, q, _, _ in feats)
+    if method == "sdpa" and width is None:
+        raise ValueError(f"{where}: method='sdpa' cannot express a sliding-window level; use 'scores' or 'auto'")
+    if method == "sdpa" or (method == "auto" and width is not None and width <= 2 * direct):
+        q, k = _expanded(feats, t_q, t_k, q_offset)
+        return _sdpa(q, k, v, causal, mask, q_offset)
+    s = _mask_scores(_scores(feats, t_q, t_k, q_offset), causal, mask, q_offset)
+    p = torch.softmax(s, dim=-1)
+    if mask is not None:
         p = torch.nan_to_num(p, nan=0.0)  # rows with no visible key
-        return torch.matmul(p, v)
-    return _streamed(feats, v, t_q, t_k, causal, mask, q_offset, key_block)
+    return torch.matmul(p, v)
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None, q_offset: int
+) -> torch.Tensor:
+    """torch's fused attention on the expanded features (scale already folded into q).
+
+    The fused CPU kernel needs one head dim for q, k and v (else torch falls back to a path that materializes the
+    scores), so the narrower side is zero-padded: zero features add nothing to a dot product, zero value columns
+    are cut off again.
+    """
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    q, k, v = (x.expand(*lead, *x.shape[-2:]) for x in (q, k, v))
+    d_v = v.shape[-1]
+    if q.shape[-1] > d_v:
+        v = torch.nn.functional.pad(v, (0, q.shape[-1] - d_v))
+    elif q.shape[-1] < d_v:
+        q = torch.nn.functional.pad(q, (0, d_v - q.shape[-1]))
+        k = torch.nn.functional.pad(k, (0, d_v - k.shape[-1]))
+    return _sdpa_core(q, k, v, causal, mask, q_offset, t_q, t_k)[..., :d_v]
+
+
+def _sdpa_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    mask: torch.Tensor | None,
+    q_offset: int,
+    t_q: int,
+    t_k: int,
+) -> torch.Tensor:
+    if mask is None and (not causal or (q_offset == 0 and t_q == t_k)):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
+    allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = torch.arange(t_k, device=q.device)[None, :] <= (torch.arange(t_q, device=q.device) + q_offset)[:, None]
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
+            return torch.nan_to_num(out, nan=0.0) * allowed.any(-1, keepdim=True)
+        add = mask.to(q.dtype).masked_fill(~allowed, float("-inf"))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=1.0)
+        return torch.nan_to_num(out, nan=0.0)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
 
 
 def _streamed(

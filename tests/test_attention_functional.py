@@ -214,3 +214,39 @@ def test_errors():
         bilinear_scores(x, x, [Level(None, sm.Dense(4, 4, heads=2)), Level(None, sm.Dense(4, 4, heads=3))])
     with pytest.raises(ValueError, match="key_block must be None or an int >= 1, got 0"):
         structured_attention(x, x, x, W, key_block=0)
+
+
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed", "auto"])
+@pytest.mark.parametrize("t", [8, 7])
+def test_every_method_matches_reference(method, t):
+    d, h = 6, 2
+    levels = [Level(None, lowrank(d, 2, heads=h), 0.7), Level(4, lowrank(d, 1, heads=h), 1.3), Level(2, lowrank(d, 2, heads=h))]
+    x = torch.randn(t, d, dtype=F64)
+    v = torch.randn(h, t, 3, dtype=F64)
+    s = reference_scores(x, x, levels)
+    for causal in (False, True):
+        out = structured_attention(x, x, v, levels, causal=causal, method=method, key_block=3)
+        torch.testing.assert_close(out, reference_attention(s, v, causal))
+    mask = torch.rand(t, t) > 0.3
+    mask[1] = False
+    out = structured_attention(x, x, v, levels, causal=True, mask=mask, method=method, key_block=3)
+    ref = reference_attention(s, v, True, mask=mask)
+    keep = (mask & torch.ones(t, t, dtype=torch.bool).tril()).any(-1)
+    torch.testing.assert_close(out[:, keep], ref[:, keep])
+    assert torch.equal(out[:, ~keep], torch.zeros_like(out[:, ~keep]))
+    # decoding: the last 3 queries at their absolute positions against all keys
+    out = structured_attention(x[-3:], x, v, levels, causal=True, q_offset=t - 3, method=method, key_block=3)
+    torch.testing.assert_close(out, reference_attention(s, v, True)[:, -3:])
+    x_g = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: structured_attention(x, x, v, levels, causal=True, method=method, key_block=3), (x_g,)
+    )
+
+
+def test_sdpa_method_rejects_windows():
+    W = lowrank(4, 2)
+    x = torch.randn(5, 4, dtype=F64)
+    with pytest.raises(ValueError, match="method='sdpa' cannot express a sliding-window level"):
+        structured_attention(x, x, x, [Level(None, W, window=2)], method="sdpa")
+    with pytest.raises(ValueError, match="method must be 'auto', 'sdpa', 'scores' or 'streamed', got 'fast'"):
+        structured_attention(x, x, x, W, method="fast")
