@@ -7,6 +7,7 @@ Every single-network family (``Dense``, ``LowRank``, ``BlockTensorTrain``, ``Mon
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 
@@ -78,6 +79,8 @@ def define_network(
     for name, labs in factors:
         shape = tuple(int(sizes[lab]) for lab in labs)
         full = ((heads,) if heads is not None else ()) + shape
+        if math.prod(full) >= 2**60:  # torch counts storage bytes in int64
+            raise ValueError(f"{where}: factor {name!r} of shape {full} has too many elements for one tensor")
         t = given.get(name)
         if t is None:
             t = torch.empty(full, dtype=dtype, device=device)
@@ -101,6 +104,8 @@ def define_network(
             if name in given:
                 continue
             param = getattr(owner, name)
+            if param.is_meta:  # nothing to initialize (and torch's meta random ops are slow to load)
+                continue
             if name in init:
                 init[name](param, fan_in, fan_out)
             else:
