@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import opt_einsum as oe
 import torch
@@ -98,8 +99,9 @@ def _combine(shape: tuple[int, int], batch: int, parts: list[Cost], flops: int =
 @dataclass
 class _Plan:
     equation: str
-    path: list[int] | None
+    path: list[int] | None  # flattened pairs for torch's einsum
     contraction: Contraction
+    expression: Any = None  # opt_einsum's compiled contraction, for paths torch's einsum does not take
 
 
 class NetNode(Node):
@@ -156,8 +158,11 @@ class NetNode(Node):
             macs,
             int(info.largest_intermediate),
         )
-        flat = [i for pair in path for i in pair] if len(shapes) > 2 else None
-        return _Plan(eq, flat, contraction)
+        if len(shapes) > 2 and all(len(step) == 2 for step in path):
+            return _Plan(eq, [i for pair in path for i in pair], contraction)
+        if len(shapes) > 2:  # a path with single-operand steps (sums over a label only one operand has)
+            return _Plan(eq, None, contraction, oe.contract_expression(eq, *shapes, optimize=path))
+        return _Plan(eq, None, contraction)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -176,6 +181,8 @@ class NetNode(Node):
             operands[self._scale_at] = operands[self._scale_at] * scale
         if plan.path is not None and _einsum is not None:
             y = _einsum(plan.equation, operands, path=plan.path)
+        elif plan.expression is not None:
+            y = plan.expression(*operands, backend="torch")
         else:
             y = torch.einsum(plan.equation, *operands)
         if scale != 1.0 and self._scale_at < 0:
