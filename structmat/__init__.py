@@ -20,13 +20,20 @@ from .operators import (
     Dense,
     Diagonal,
     Identity,
+    Level,
     LowRank,
+    MLR,
     Monarch,
+    MultiLevel,
+    MultiLevelLowRank,
     Permutation,
     TensorNetwork,
     TensorTrain,
 )
+from .project import project
 from .rank import numerical_rank
+from . import init
+from .init import mup_param_groups
 
 __version__ = "0.1.0"
 
@@ -46,6 +53,10 @@ __all__ = [
     "Monarch",
     "TensorTrain",
     "TT",
+    "MultiLevelLowRank",
+    "MLR",
+    "MultiLevel",
+    "Level",
     "Sum",
     "Product",
     "Transpose",
@@ -55,5 +66,8 @@ __all__ = [
     "kron",
     "block_diag",
     "numerical_rank",
+    "project",
+    "init",
+    "mup_param_groups",
     "bilinear_split",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -59,12 +60,27 @@ class LinearOperator(torch.nn.Module):
         """The operators this one is built from (for printing); leaves have none."""
         return ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Lower every operator as soon as its constructor returns (structure is fixed from then on), so that
+        applying it, traced by torch.compile or not, only reads the cached node."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self: LinearOperator, *args: Any, **kw: Any) -> None:  # noqa: N807
+            init(self, *args, **kw)
+            if type(self) is cls:
+                self._node  # noqa: B018 - lowers and caches
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
     @property
     def _node(self) -> Node:
         node = self.__dict__.get("_lowered")
         if node is None:
-            node = self._lower()
-            self.__dict__["_lowered"] = node
+            node = self.__dict__["_lowered"] = self._lower()
         return node
 
     # -- basic facts -------------------------------------------------------------------------------------------------
@@ -126,7 +142,8 @@ class LinearOperator(torch.nn.Module):
         For a stack of H operators: ``(..., n) -> (..., H, m)`` (every head reads the same input), or with
         ``per_head=True``, ``(..., H, n) -> (..., H, m)`` (head h reads ``x[..., h, :]``).
         """
-        self._check_input(x)
+        if not torch.compiler.is_compiling():  # checks read Python state that torch.compile need not trace
+            self._check_input(x)
         m, n = self._shape
         heads = self._heads
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
@@ -236,6 +253,8 @@ class LinearOperator(torch.nn.Module):
         """
         m, n = self._shape
         own = self.dtype
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)):
+            raise TypeError(f"{self.name}.dense(dtype={dtype!r}): dtype must be a floating-point torch.dtype")
         if own is not None and dtype is not None and dtype != own:
             raise TypeError(f"{self.name}.dense(dtype={dtype}): the operator's parameters are {own}")
         dtype = own or dtype or torch.get_default_dtype()
@@ -254,6 +273,18 @@ class LinearOperator(torch.nn.Module):
         """Forward cost of applying the operator to ``batch`` vectors, from shapes alone (no data touched)."""
         batch = _check_size(f"{self.name}.cost", "batch", batch)
         return dataclasses.replace(self._node.cost(batch), heads=self._heads)
+
+    def expr(self) -> str:
+        """An expression that :func:`structmat.parse` turns back into an operator of the same structure.
+
+        Example:
+            >>> import structmat as sm
+            >>> (2.0 * sm.LowRank(8, 6, rank=2) @ sm.Dense(4, 6).T).expr()
+            '(2.0 * lowrank(8, 6, rank=2)) @ dense(4, 6).T'
+        """
+        from .expr import to_expr
+
+        return to_expr(self)
 
     # -- printing ----------------------------------------------------------------------------------------------------
     def _summary(self) -> str:

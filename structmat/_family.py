@@ -75,6 +75,7 @@ def define_network(
     dtype = check_float_dtype(where, dtype)
     if device is None and given:
         device = next(iter(given.values())).device
+    uses = {lab: sum(lab in f for _, f in factors) + (lab in inputs) + (lab in outputs) for lab in names}
     fs = []
     for name, labs in factors:
         shape = tuple(int(sizes[lab]) for lab in labs)
@@ -89,8 +90,12 @@ def define_network(
         elif t.dtype != dtype:
             raise TypeError(f"{where}: factor {name!r} has dtype {t.dtype}, expected {dtype}")
         owner.register_parameter(name, t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t))
-        labels = ((head[0],) if head is not None else ()) + tuple(ids[lab] for lab in labs)
-        fs.append(Factor(owner, name, labels, full))
+        # a size-1 label held by this factor alone (an end bond of a train) is dropped from the network: the factor
+        # is read through a view without that axis
+        kept = [(lab, size) for lab, size in zip(labs, shape) if size != 1 or uses[lab] > 1]
+        labels = ((head[0],) if head is not None else ()) + tuple(ids[lab] for lab, _ in kept)
+        view = ((heads,) if heads is not None else ()) + tuple(size for _, size in kept)
+        fs.append(Factor(owner, name, labels, view))
     network = Network(
         tuple(fs),
         tuple((ids[lab], int(sizes[lab])) for lab in inputs),

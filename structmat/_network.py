@@ -289,42 +289,56 @@ class Network:
 
     # -- fans, for initialization ------------------------------------------------------------------------------------
     def factor_fans(self) -> list[tuple[int, int]]:
-        """``(fan_in, fan_out)`` of every factor: the sizes of its labels toward the input and toward the output.
+        """``(fan_in, fan_out)`` of every factor, as the factors are applied one at a time from the input.
 
-        A label is toward the input when it is an input mode or joins a factor nearer to the input (breadth-first
-        distance through shared labels); diagonal and head labels count on neither side.
+        The tensor starts with the input modes. At each step the factor that reads the most from it is applied
+        (ties: the one that writes least, then the first listed). For that factor a label it holds is
+
+        - read (fan-in) when the current tensor has it and nothing later needs it (no factor to come, not an output);
+        - a block (neither) when the current tensor has it and something later needs it (diagonal modes, BTT block
+          modes) — the head label is a block everywhere;
+        - written (fan-out) when the current tensor lacks it and something later needs it;
+        - summed on its own (fan-in) when neither has it.
+
+        Each summed label is read exactly once, so for independent zero-mean factors on a white input
+        ``E[y^2] = prod_k fan_in_k * var_k``; for BTT this is Qiu et al.'s ``d_in = r_prev * m_k`` per core.
         """
-        diag = self._per_head()
-        ins = {lab for lab, _ in self.in_modes}
-        holders: dict[int, list[int]] = {}
-        for k, fa in enumerate(self.factors):
-            for lab in fa.labels:
-                holders.setdefault(lab, []).append(k)
-        dist = [math.inf] * len(self.factors)
-        queue: deque[int] = deque()
-        for k, fa in enumerate(self.factors):
-            if any(lab in ins and lab not in diag for lab in fa.labels):
-                dist[k] = 0
-                queue.append(k)
-        while queue:
-            k = queue.popleft()
-            for lab in self.factors[k].labels:
-                for j in holders[lab]:
-                    if dist[j] == math.inf:
-                        dist[j] = dist[k] + 1
-                        queue.append(j)
-        fans = []
-        for k, fa in enumerate(self.factors):
-            fan_in = fan_out = 1
-            for lab, s in zip(fa.labels, fa.shape):
-                if lab in diag:
+        head = self.head[0] if self.head is not None else None
+        sizes = self.sizes()
+        outs = {lab for lab, _ in self.out_modes}
+        current = {lab for lab, _ in self.in_modes}
+        remaining = list(range(len(self.factors)))
+        fans: list[tuple[int, int]] = [(1, 1)] * len(self.factors)
+
+        def step(k: int) -> tuple[int, int, int, set[int], set[int]]:
+            later = set(outs)
+            for j in remaining:
+                if j != k:
+                    later.update(self.factors[j].labels)
+            reads = alone = writes = 1
+            read: set[int] = set()
+            written: set[int] = set()
+            for lab in dict.fromkeys(self.factors[k].labels):
+                if lab == head:
                     continue
-                toward_input = (lab in ins) or any(dist[j] < dist[k] for j in holders[lab] if j != k)
-                if toward_input:
-                    fan_in *= s
+                if lab in current:
+                    if lab not in later:
+                        reads *= sizes[lab]
+                        read.add(lab)
+                elif lab in later:
+                    writes *= sizes[lab]
+                    written.add(lab)
                 else:
-                    fan_out *= s
-            fans.append((fan_in, fan_out))
+                    alone *= sizes[lab]
+            return reads, alone, writes, read, written
+
+        while remaining:
+            steps = {k: step(k) for k in remaining}
+            k = min(remaining, key=lambda j: (-steps[j][0], steps[j][2], j))
+            reads, alone, writes, read, written = steps[k]
+            fans[k] = (reads * alone, writes)
+            current = (current - read) | written
+            remaining.remove(k)
         return fans
 
 

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 _PLAN_CACHE_SIZE = 64
-_einsum = getattr(torch._VF, "einsum", None)  # torch.einsum's own C++ entry point, which accepts a path
+_einsum = torch.ops.aten.einsum.default  # the op behind torch.einsum; it takes a path, and torch.compile traces it
 
 
 class Node:
@@ -169,7 +169,7 @@ class NetNode(Node):
         if x.ndim == 3 and self.heads is None:  # one operator for every head: fold the heads into the batch
             return self.apply(x.reshape(-1, self.n)).reshape(batch, x.shape[1], self.m)
         per_head = x.ndim == 3
-        plan = self._plan(batch, per_head)
+        plan = _plan_of(self, batch, per_head)
         operands = [x.reshape(*x.shape[:-1], *self._in_shape)]
         for fa in self.network.factors:
             t = fa.fetch()
@@ -179,7 +179,7 @@ class NetNode(Node):
         scale = self.network.scale
         if scale != 1.0 and self._scale_at > 0:
             operands[self._scale_at] = operands[self._scale_at] * scale
-        if plan.path is not None and _einsum is not None:
+        if plan.path is not None:
             y = _einsum(plan.equation, operands, path=plan.path)
         elif plan.expression is not None:
             y = plan.expression(*operands, backend="torch")
@@ -205,6 +205,21 @@ class NetNode(Node):
 
     def scaled(self, c: float) -> Node:
         return NetNode(self.network.scaled(c))
+
+
+def _plan_of(node: NetNode, batch: int, per_head: bool) -> _Plan:
+    """The cached plan (planned on first use; under torch.compile, see :func:`_traced_plan`)."""
+    if torch.compiler.is_compiling():
+        equation, path = _traced_plan(node.network, node._in_shape, batch, per_head)
+        return _Plan(equation, list(path) if path is not None else None, None)  # type: ignore[arg-type]
+    return node._plan(batch, per_head)
+
+
+@torch._dynamo.assume_constant_result
+def _traced_plan(network: Network, in_shape: tuple[int, ...], batch: int, per_head: bool) -> tuple[str, Any]:
+    """The equation and flat path, as plain constants that torch.compile can bake into the graph."""
+    plan = NetNode(network)._plan(batch, per_head)
+    return plan.equation, tuple(plan.path) if plan.path is not None else None
 
 
 Slice = tuple[int, int]

@@ -203,10 +203,13 @@ class BlockDiagonal(LinearOperator):
         n: int,
         nblocks: int,
         *,
+        heads: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> BlockDiagonal:
         """``nblocks`` dense ``(m / nblocks, n / nblocks)`` blocks held as one stacked parameter (one einsum).
+
+        With ``heads=H``, a stack of H such block-diagonals (parameter ``(H * nblocks, m / nblocks, n / nblocks)``).
 
         Example:
             >>> import structmat as sm
@@ -222,7 +225,10 @@ class BlockDiagonal(LinearOperator):
                 raise ValueError(f"{where}: {what} must be a positive int, got {v!r}")
         if m % nblocks or n % nblocks:
             raise ValueError(f"{where}: nblocks must divide m={m} and n={n}")
-        return cls(Dense(m // nblocks, n // nblocks, heads=nblocks, dtype=dtype, device=device))
+        if heads is not None and (isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1):
+            raise ValueError(f"{where}: heads must be None or an int >= 1, got {heads!r}")
+        stack = nblocks * (heads or 1)
+        return cls(Dense(m // nblocks, n // nblocks, heads=stack, dtype=dtype, device=device), heads=heads)
 
     def _operands(self) -> tuple[LinearOperator, ...]:
         return tuple(self.blocks)
@@ -244,6 +250,7 @@ class Scaled(LinearOperator):
     """
 
     def __init__(self, op: LinearOperator, scale: float) -> None:
+        check_compatible("Scaled", (op,))
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"Scaled({op.name}): scale must be a real number, got {type(scale).__name__}")
         if not math.isfinite(float(scale)):

@@ -25,13 +25,11 @@ sizes) and operators. Numbers combine with numbers (``2 * 512``); an operator is
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
-import math
 import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -97,8 +95,8 @@ _RESERVED_KEYWORDS = ("dtype", "device")
 # ----------------------------------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------------------------------
-def _error(text: str, pos: int, message: str) -> ValueError:
-    """``structmat.parse: MESSAGE at position POS`` followed by the text and a caret under position ``pos``."""
+def _error(text: str, pos: int, message: str, detail: str = "") -> ValueError:
+    """``structmat.parse: MESSAGE at position POS DETAIL``, then the text with a caret under position ``pos``."""
     lines = text.split("\n")
     row, col, start = 0, pos, 0
     for row, line in enumerate(lines):  # noqa: B007 - row is used after the loop
@@ -107,13 +105,13 @@ def _error(text: str, pos: int, message: str) -> ValueError:
             break
         start += len(line) + 1
     shown = lines[row] if lines else ""
-    return ValueError(f"structmat.parse: {message} at position {pos}\n    {shown}\n    {' ' * col}^")
+    return ValueError(f"structmat.parse: {message} at position {pos}{detail}\n    {shown}\n    {' ' * col}^")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------------------------------
-_DIGITS = r"\d(?:_?\d)*"
+_DIGITS = r"[0-9](?:_?[0-9])*"
 _NUMBER = re.compile(rf"(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][+-]?{_DIGITS})?")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PUNCT = "+-*/@()[],=."
@@ -136,7 +134,7 @@ def _tokenize(text: str) -> list[_Token]:
             pos += 1
             continue
         number = _NUMBER.match(text, pos)
-        if number is not None and (ch.isdigit() or (ch == "." and number.end() > pos + 1)):
+        if number is not None and (ch in "0123456789" or (ch == "." and number.end() > pos + 1)):
             tokens.append(_Token("num", number.group(), pos))
             pos = number.end()
             continue
@@ -175,6 +173,7 @@ class _Call:
     name: str
     args: tuple[_Expr, ...]
     kwargs: tuple[tuple[str, int, _Expr], ...]  # (keyword, its position, value)
+    end: int  # one past the closing parenthesis
 
 
 @dataclass(frozen=True)
@@ -219,16 +218,9 @@ class _Parser:
     def describe(self, tok: _Token) -> str:
         return "end of input" if tok.kind == "end" else repr(tok.text)
 
-    def fail(self, message: str, tok: _Token | None = None) -> ValueError:
+    def fail(self, message: str, tok: _Token | None = None, detail: str = "") -> ValueError:
         tok = self.tok if tok is None else tok
-        return _error(self.text, tok.pos, message)
-
-    def expect(self, text: str, context: str) -> _Token:
-        if not self.at(text):
-            raise self.fail(f"expected {text!r} {context}, found {self.describe(self.tok)}")
-        tok = self.tok
-        self.k += 1
-        return tok
+        return _error(self.text, tok.pos, message, detail)
 
     # -- grammar -----------------------------------------------------------------------------------------------------
     def parse(self) -> _Expr:
@@ -240,7 +232,8 @@ class _Parser:
                 raise self.fail("unbalanced parentheses: ')' without a matching '('")
             if self.at("]"):
                 raise self.fail("unbalanced brackets: ']' without a matching '['")
-            raise self.fail(f"unexpected {self.describe(self.tok)}; expected an operator (+ - @ * /) or the end")
+            detail = "; expected an operator (+ - @ * /) or the end"
+            raise self.fail(f"unexpected {self.describe(self.tok)}", detail=detail)
         return node
 
     def expr(self) -> _Expr:
@@ -265,7 +258,7 @@ class _Parser:
             op = self.tok
             self.k += 1
             if self.at("*") or self.at("/"):
-                raise self.fail(f"unexpected {self.describe(self.tok)} after {op.text!r} (no ** or //)")
+                raise self.fail(f"unexpected {self.describe(self.tok)} after {op.text!r}", detail=" (no ** or //)")
             rest.append((op.text, op.pos, self.unary()))
         return _Chain(start, first, tuple(rest)) if rest else first
 
@@ -294,9 +287,9 @@ class _Parser:
                     node = _T(dot.pos, node)
                     continue
                 what = f"'.{self.tok.text}'" if self.tok.kind == "name" else "'.'"
-                raise self.fail(f"attribute access {what} is not allowed (only .T, the transpose)", dot)
+                raise self.fail(f"attribute access {what} is not allowed", dot, " (only .T, the transpose)")
             if self.at("("):
-                raise self.fail("only whitelisted names can be called; this calls the result of an expression")
+                raise self.fail("call of an expression", detail="; only whitelisted names can be called")
             if self.at("["):
                 raise self.fail("indexing is not allowed")
             return node
@@ -309,9 +302,9 @@ class _Parser:
         if tok.kind == "name":
             self.k += 1
             if tok.text not in REGISTRY:
-                raise self.fail(f"unknown name {tok.text!r}; known names: {', '.join(sorted(REGISTRY))}", tok)
+                raise self.fail(f"unknown name {tok.text!r}", tok, f"; known names: {', '.join(sorted(REGISTRY))}")
             if not self.at("("):
-                raise self.fail(f"{tok.text!r} must be called, as in {tok.text}(...)", tok)
+                raise self.fail(f"{tok.text!r} is not called", tok, f"; write {tok.text}(...)")
             return self.call(tok)
         if self.at("("):
             self.k += 1
@@ -324,14 +317,15 @@ class _Parser:
             return node
         if self.at("["):
             self.k += 1
-            items = self.sequence("]", "list")
+            items = self.list_items("]", "list")
             return _List(tok.pos, tuple(items))
         if tok.kind == "end":
-            raise self.fail("unexpected end of input; expected a number, a name or '('")
+            raise self.fail("unexpected end of input", detail="; expected a number, a name or '('")
         if self.at(")"):
-            raise self.fail("unbalanced parentheses: ')' without a matching '('" if self._unmatched_close()
-                            else "unexpected ')'; expected a number, a name or '('")
-        raise self.fail(f"unexpected {self.describe(tok)}; expected a number, a name or '('")
+            if self._unmatched_close():
+                raise self.fail("unbalanced parentheses: ')' without a matching '('")
+            raise self.fail("unexpected ')'", detail="; expected a number, a name or '('")
+        raise self.fail(f"unexpected {self.describe(tok)}", detail="; expected a number, a name or '('")
 
     def _unmatched_close(self) -> bool:
         opened = sum(1 for t in self.tokens[: self.k] if t.kind == "op" and t.text == "(")
@@ -347,14 +341,14 @@ class _Parser:
         except ValueError:
             raise self.fail(f"number {tok.text[:20]!r} is too long", tok) from None
 
-    def sequence(self, close: str, what: str) -> list[_Expr]:
+    def list_items(self, close: str, what: str) -> list[_Expr]:
         opener = self.tokens[self.k - 1]
         items: list[_Expr] = []
         while not self.at(close):
+            if self.tok.kind != "end":
+                items.append(self.expr())
             if self.tok.kind == "end":
-                kind = "parentheses" if close == ")" else "brackets"
-                raise self.fail(f"unbalanced {kind}: {opener.text!r} is never closed", opener)
-            items.append(self.expr())
+                raise self.fail(f"unbalanced brackets: {opener.text!r} is never closed", opener)
             if self.at(","):
                 self.k += 1
             elif not self.at(close):
@@ -376,7 +370,8 @@ class _Parser:
                 self.k += 2
                 if key.text in _RESERVED_KEYWORDS:
                     raise self.fail(
-                        f"{name.text}(): {key.text} is not set in the expression; pass it to parse()", key
+                        f"keyword {key.text!r} of {name.text}() is not allowed", key,
+                        f"; pass {key.text}= to structmat.parse instead",
                     )
                 if any(key.text == k for k, _, _ in kwargs):
                     raise self.fail(f"{name.text}(): keyword {key.text!r} given twice", key)
@@ -390,9 +385,10 @@ class _Parser:
             elif not self.at(")"):
                 if self.tok.kind == "end":
                     raise self.fail("unbalanced parentheses: '(' is never closed", opener)
-                raise self.fail(f"expected ',' or ')' in the arguments of {name.text}(), found {self.describe(self.tok)}")
+                found = self.describe(self.tok)
+                raise self.fail(f"expected ',' or ')' in the arguments of {name.text}(), found {found}")
         self.k += 1
-        return _Call(name.pos, name.text, tuple(args), tuple(kwargs))
+        return _Call(name.pos, name.text, tuple(args), tuple(kwargs), self.tokens[self.k - 1].pos + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -413,7 +409,6 @@ def _kind(v: Any) -> str:
     return "an operator"
 
 
-@functools.lru_cache(maxsize=None)
 def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
     try:
         return inspect.signature(fn)
@@ -427,8 +422,8 @@ class _Builder:
         self.dtype = dtype
         self.device = device
 
-    def fail(self, pos: int, message: str) -> ValueError:
-        return _error(self.text, pos, message)
+    def fail(self, pos: int, message: str, detail: str = "") -> ValueError:
+        return _error(self.text, pos, message, detail)
 
     def build(self, node: _Expr) -> _Value:
         if isinstance(node, _Num):
@@ -443,7 +438,8 @@ class _Builder:
             value = self.build(node.operand)
             if _is_number(value):
                 return -value
-            return self.op(node.pos, "-", lambda: Scaled(self.need_op(node.operand.pos, value, "-"), -1.0))
+            target = self.need_op(node.operand.pos, value, "unary '-'")
+            return self.op(node.pos, "-", lambda: Scaled(target, -1.0))
         if isinstance(node, _T):
             value = self.need_op(node.operand.pos, self.build(node.operand), ".T")
             return self.op(node.pos, ".T", lambda: Transpose(value))
@@ -455,14 +451,20 @@ class _Builder:
 
     def need_op(self, pos: int, value: _Value, what: str) -> LinearOperator:
         if not isinstance(value, LinearOperator):
-            raise self.fail(pos, f"{what} needs an operator here, got {_kind(value)}")
+            raise self.fail(pos, f"{what} needs an operator", f", got {_kind(value)}")
         return value
 
     def op(self, pos: int, what: str, make: Callable[[], LinearOperator]) -> LinearOperator:
         try:
             return make()
-        except (ValueError, TypeError) as e:
-            raise self.fail(pos, f"{what}: {e}") from None
+        except (ValueError, TypeError, OverflowError) as e:
+            raise self.fail(pos, f"'{what}'", f": {e}") from None
+
+    def arith(self, pos: int, what: str, fn: Callable[[], int | float]) -> int | float:
+        try:
+            return fn()
+        except OverflowError as e:
+            raise self.fail(pos, f"'{what}'", f": {e}") from None
 
     def sum(self, node: _Chain) -> _Value:
         values = [self.build(node.first)] + [self.build(x) for _, _, x in node.rest]
@@ -473,8 +475,8 @@ class _Builder:
                 raise self.fail(sub.pos, "a list cannot be added or subtracted")
         if all(_is_number(v) for v in values):
             total = values[0]
-            for v, (op, _) in zip(values[1:], ops[1:]):
-                total = total + v if op == "+" else total - v
+            for v, (op, pos) in zip(values[1:], ops[1:]):
+                total = self.arith(pos, op, lambda a=total, b=v, o=op: a + b if o == "+" else a - b)
             return total
         for value, (op, pos) in zip(values, ops):
             if _is_number(value):
@@ -496,10 +498,7 @@ class _Builder:
                 raise self.fail(sub.pos, "a list cannot be multiplied")
             if op == "@":
                 if _is_number(acc) or _is_number(value):
-                    bad = node.first.pos if _is_number(acc) and not chain else sub.pos
-                    if _is_number(acc) and not chain:
-                        bad = pos
-                    raise self.fail(bad, "'@' composes operators; scale by a number with '*'")
+                    raise self.fail(pos, "'@' with a number", "; '@' composes operators, '*' scales by a number")
                 if not chain:
                     chain, chain_pos = [acc], pos
                 chain.append(value)
@@ -510,19 +509,19 @@ class _Builder:
                 chain = []
             if op == "*":
                 if _is_number(acc) and _is_number(value):
-                    acc = acc * value
+                    acc = self.arith(pos, "*", lambda a=acc, b=value: a * b)
                 elif _is_number(acc) or _is_number(value):
                     scale, target = (acc, value) if _is_number(acc) else (value, acc)
                     acc = self.op(pos, "*", lambda s=scale, t=target: Scaled(t, s))
                 else:
-                    raise self.fail(pos, "'*' scales by a number; compose operators with '@'")
+                    raise self.fail(pos, "'*' of two operators", "; '*' scales by a number, '@' composes operators")
             else:  # "/"
                 if not _is_number(value):
-                    raise self.fail(pos, "'/' divides by a number, not by an operator")
+                    raise self.fail(pos, "'/' by an operator", "; '/' divides by a number")
                 if value == 0:
                     raise self.fail(pos, "division by zero")
                 if _is_number(acc):
-                    acc = acc / value
+                    acc = self.arith(pos, "/", lambda a=acc, b=value: a / b)
                 else:
                     acc = self.op(pos, "/", lambda t=acc, s=value: Scaled(t, 1.0 / s))
         if chain:
@@ -535,7 +534,7 @@ class _Builder:
             try:
                 ctor = ctor.resolve()
             except LookupError as e:
-                raise self.fail(node.pos, f"{node.name}() needs {e}") from None
+                raise self.fail(node.pos, f"{node.name}() is not available", f": it needs {e}") from None
         args = [self.build(a) for a in node.args]
         kwargs = {key: self.build(v) for key, _, v in node.kwargs}
         sig = _signature(ctor)
@@ -549,20 +548,18 @@ class _Builder:
                         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
                     ) and q.name not in _RESERVED_KEYWORDS]
                     listing = ", ".join(names) if names else "none"
-                    raise self.fail(pos, f"{node.name}() has no keyword {key!r} (its keywords: {listing})")
+                    raise self.fail(pos, f"{node.name}() has no keyword {key!r}", f" (its keywords: {listing})")
             for key in _RESERVED_KEYWORDS:
                 if key in params and getattr(self, key) is not None:
                     kwargs[key] = getattr(self, key)
             try:
                 sig.bind(*args, **kwargs)
             except TypeError as e:
-                raise self.fail(node.pos, f"{node.name}(): {e}") from None
+                raise self.fail(node.pos, f"bad arguments to {node.name}()", f": {e}") from None
         try:
             return ctor(*args, **kwargs)
-        except TypeError as e:
-            raise self.fail(node.pos, f"{node.name}(): {e}") from None
-        except ValueError as e:
-            raise self.fail(node.pos, f"{node.name}(): {e}") from None
+        except (TypeError, ValueError) as e:
+            raise self.fail(node.pos, f"{self.text[node.pos:node.end]}", f": {e}") from None
 
 
 def parse(
@@ -596,9 +593,9 @@ def parse(
         >>> parse("dense(3, 4).weight")
         Traceback (most recent call last):
         ...
-        ValueError: structmat.parse: attribute access '.weight' is not allowed (only .T, the transpose) at position 10
+        ValueError: structmat.parse: attribute access '.weight' is not allowed at position 11 (only .T, the transpose)
             dense(3, 4).weight
-                      ^
+                       ^
     """
     if not isinstance(text, str):
         raise TypeError(f"structmat.parse: text must be a str, got {type(text).__name__}")
@@ -635,43 +632,51 @@ def _call(name: str, *args: Any, **kwargs: Any) -> str:
     return f"{name}({', '.join(parts)})"
 
 
-def _family_attr(op: LinearOperator, *names: str) -> Any:
-    """The first of ``names`` that ``op`` has (the families' attribute names are checked by the round-trip tests)."""
-    for name in names:
-        if hasattr(op, name) and not callable(getattr(op, name)):
-            return getattr(op, name)
-    raise ValueError(
-        f"to_expr: {type(op).__name__} has none of the attributes {list(names)}; update its printer in structmat/expr.py"
-    )
+def _ranks(ranks: tuple[int, ...]) -> int | list[int]:
+    """Bond ranks as written: one int when they are all equal (the constructors accept both)."""
+    return ranks[0] if len(set(ranks)) == 1 else list(ranks)
 
 
-def _heads(op: LinearOperator) -> int | None:
-    heads = getattr(op, "heads", None)
-    return heads if isinstance(heads, int) and not isinstance(heads, bool) else None
+def _train(name: str, op: Any) -> str:
+    """``btt(...)``/``tt(...)``: the factor splits are left out when they are the constructor's default."""
+    from ._factors import balanced_factors
+
+    fin, fout = tuple(op.in_factors), tuple(op.out_factors)
+    m, n = op.shape
+    default = len(fin) == 2 and fin == balanced_factors(n, 2) and fout == balanced_factors(m, 2)
+    splits = {} if default else {"in_factors": list(fin), "out_factors": list(fout)}
+    return _call(name, m, n, ranks=_ranks(tuple(op.ranks)), **splits, heads=op.heads)
 
 
-#: Printers of family classes that may not exist yet, keyed by their name on the ``structmat`` package. Each returns a
-#: call of the family's registry name whose arguments rebuild the same structure. The attribute names are the lead's to
-#: confirm against each family file when it lands (tests/test_expr.py round-trips every family that exists).
-_FAMILY_PRINTERS: dict[str, Callable[[LinearOperator], str]] = {
-    "LowRank": lambda op: _call("lowrank", *op.shape, rank=_family_attr(op, "r", "rank_", "inner"), heads=_heads(op)),
-    "BlockTensorTrain": lambda op: _call(
-        "btt", *op.shape, ranks=_family_attr(op, "ranks"), in_factors=_family_attr(op, "in_factors"),
-        out_factors=_family_attr(op, "out_factors"), heads=_heads(op)
-    ),
-    "Monarch": lambda op: _call("monarch", *op.shape, nblocks=_family_attr(op, "nblocks"), heads=_heads(op)),
-    "TensorTrain": lambda op: _call(
-        "tt", *op.shape, ranks=_family_attr(op, "ranks"), in_factors=_family_attr(op, "in_factors"),
-        out_factors=_family_attr(op, "out_factors"), heads=_heads(op)
-    ),
+#: Printers of the families, keyed by their class name on the ``structmat`` package (looked up when ``to_expr`` runs,
+#: so a family that does not exist yet costs nothing). Each returns a call of the family's :data:`REGISTRY` name whose
+#: arguments rebuild the same structure; a new family adds one line here and one in ``REGISTRY``, and
+#: tests/test_expr.py round-trips it.
+_FAMILY_PRINTERS: dict[str, Callable[[Any], str]] = {
+    "LowRank": lambda op: _call("lowrank", *op.shape, rank=op.rank_, heads=op.heads),
+    "BlockTensorTrain": lambda op: _train("btt", op),
+    "Monarch": lambda op: _call("monarch", *op.shape, nblocks=op.nblocks, heads=op.heads),
+    "TensorTrain": lambda op: _train("tt", op),
     "MultiLevelLowRank": lambda op: _call(
-        "mlr", *op.shape, ranks=_family_attr(op, "ranks"), blocks=_family_attr(op, "blocks"), heads=_heads(op)
+        "mlr", *op.shape, ranks=list(op.ranks), blocks=[_level_blocks(op.shape, part) for part in op.blocks],
+        heads=op.heads,
     ),
 }
 
 
+def _level_blocks(shape: tuple[int, int], part: Sequence[tuple[int, int]]) -> int | list[list[int]]:
+    """One level's blocks as written: their number when they split ``shape`` equally, else their ``[rows, cols]``."""
+    k = len(part)
+    m, n = shape
+    if m % k == 0 and n % k == 0 and all(tuple(b) == (m // k, n // k) for b in part):
+        return k
+    return [list(b) for b in part]
+
+
 def _print(op: LinearOperator) -> tuple[str, int]:
     """``(text, precedence)`` of ``op``."""
+    if isinstance(op, (Sum, Product)) and len(op._operands()) == 1:
+        return _print(op._operands()[0])
     if isinstance(op, Sum):
         parts = [_operand(op.terms[0], _MUL)]
         for term in list(op.terms)[1:]:
@@ -679,10 +684,10 @@ def _print(op: LinearOperator) -> tuple[str, int]:
                 parts.append("- " + _operand(term.op, _MUL))
             else:
                 parts.append("+ " + _operand(term, _MUL))
-        return (" ".join(parts), _SUM) if len(parts) > 1 else (parts[0], _MUL)
+        return " ".join(parts), _SUM
     if isinstance(op, Product):
         parts = [_operand(f, _UNARY) for f in op.factors]
-        return (" @ ".join(parts), _MUL) if len(parts) > 1 else (parts[0], _UNARY)
+        return " @ ".join(parts), _MUL
     if isinstance(op, Scaled):
         if op.scale == -1.0:
             return "-" + _operand(op.op, _UNARY), _UNARY
@@ -694,11 +699,11 @@ def _print(op: LinearOperator) -> tuple[str, int]:
     if isinstance(op, BlockDiagonal):
         return "block_diag(" + ", ".join(to_expr(b) for b in op.blocks) + ")", _POSTFIX
     if isinstance(op, Dense):
-        return _call("dense", *op.shape), _POSTFIX
+        return _call("dense", *op.shape, heads=op.heads), _POSTFIX
     if isinstance(op, Identity):
-        return _call("identity", op.shape[0]), _POSTFIX
+        return _call("identity", op.shape[0], heads=op.heads), _POSTFIX
     if isinstance(op, Diagonal):
-        return _call("diag", op.shape[0]), _POSTFIX
+        return _call("diag", op.shape[0], heads=op.heads), _POSTFIX
     if isinstance(op, Permutation):
         axes = op._axes  # set only by Permutation.from_axes: a reshape-transpose, which has an expression
         if axes is None:
@@ -739,9 +744,9 @@ def to_expr(op: LinearOperator) -> str:
     Example:
         >>> import structmat as sm
         >>> from structmat.expr import parse, to_expr
-        >>> A = sm.Dense(5, 3) @ sm.Dense(3, 7) - 2.5 * sm.kron(sm.Identity(7), sm.Diagonal(1)).T
+        >>> A = sm.Dense(6, 3) @ sm.Dense(3, 6) - 2.5 * sm.kron(sm.Identity(2), sm.Diagonal(3)).T
         >>> to_expr(A)
-        '(dense(5, 3) @ dense(3, 7)) - (2.5 * kron(identity(7), diag(1)).T)'
+        'dense(6, 3) @ dense(3, 6) - 2.5 * kron(identity(2), diag(3)).T'
         >>> to_expr(parse(to_expr(A))) == to_expr(A)
         True
     """

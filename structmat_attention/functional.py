@@ -22,12 +22,22 @@ import numbers
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 import structmat as sm
 
-__all__ = ["Level", "bilinear_scores", "structured_attention", "level_features", "resolve_scale"]
+__all__ = [
+    "Level",
+    "LevelFeatures",
+    "bilinear_scores",
+    "structured_attention",
+    "attention_features",
+    "attend",
+    "level_features",
+    "resolve_scale",
+]
 
 
 @dataclass(frozen=True)
@@ -401,13 +411,78 @@ def structured_attention(
         >>> out.shape, torch.allclose(out, structured_attention(x, x, v, W, causal=True, key_block=4), atol=1e-6)
         (torch.Size([2, 6, 3]), True)
     """
-    where = "structured_attention"
+    feats = attention_features(x_q, x_k, levels, scale, qk_norm=qk_norm)
+    return attend(feats, v, causal, mask, q_offset=q_offset, key_block=key_block, method=method)
+
+
+class LevelFeatures(NamedTuple):
+    """One level's query and key features, ``(..., [H,] T, r)`` each, and its constant (logit scale included)."""
+
+    level: Level
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+
+
+def attention_features(
+    x_q: torch.Tensor,
+    x_k: torch.Tensor,
+    levels: sm.LinearOperator | Level | Sequence[Level],
+    scale: float | str = 1.0,
+    *,
+    qk_norm: bool = False,
+) -> list[LevelFeatures]:
+    """Every level's query features ``L_l x_q`` and key features ``R_l x_k`` (the first half of attention).
+
+    A KV cache keeps the key features and passes them, with fresh query features, to :func:`attend`.
+
+    Example:
+        >>> import torch, structmat as sm
+        >>> from structmat_attention import attention_features
+        >>> f = attention_features(torch.randn(5, 8), torch.randn(5, 8), sm.LowRank(8, 8, rank=3, heads=2), "sqrt")
+        >>> f[0].q.shape, f[0].k.shape, round(f[0].scale, 4)
+        (torch.Size([2, 5, 3]), torch.Size([2, 5, 3]), 0.5774)
+    """
+    where = "attention_features"
     lvs = _as_levels(levels, where)
     heads = _check(lvs, x_q, x_k, where)
-    if not isinstance(v, torch.Tensor) or v.ndim < 2 or v.shape[-2] != x_k.shape[-2]:
+    return [LevelFeatures(*f) for f in _features(lvs, x_q, x_k, scale, qk_norm, heads)]
+
+
+def attend(
+    features: Sequence[LevelFeatures],
+    v: torch.Tensor,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    *,
+    q_offset: int = 0,
+    key_block: int | None = None,
+    method: str = "auto",
+) -> torch.Tensor:
+    """``softmax(Σ_l [pair in level l] c_l q_l k_l^T + masks) @ v`` from features (the second half of attention).
+
+    Args:
+        features: from :func:`attention_features` (keys may come from a cache: T_k is the keys' length).
+        v: ``(..., T_k, D_v)`` or ``(..., H, T_k, D_v)``.
+        causal: query ``q_offset + i`` sees keys ``j <= q_offset + i``.
+        mask: boolean (True = may attend) or additive, broadcastable to ``(..., [H,] T_q, T_k)``.
+        q_offset: absolute position of the first query.
+        key_block: stream over key blocks with an online softmax.
+        method: ``"auto"``, ``"sdpa"``, ``"scores"`` or ``"streamed"`` (see :func:`structured_attention`).
+
+    Returns:
+        ``(..., [H,] T_q, D_v)``.
+    """
+    where = "attend"
+    feats = [tuple(f) for f in features]
+    if not feats or any(len(f) != 4 for f in feats):
+        raise TypeError(f"{where}: features must be a non-empty list of LevelFeatures")
+    t_q, t_k = feats[0][1].shape[-2], feats[0][2].shape[-2]
+    heads = next((f[1].shape[-3] for f in feats if f[0].op.heads is not None), None)
+    if not isinstance(v, torch.Tensor) or v.ndim < 2 or v.shape[-2] != t_k:
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        raise ValueError(f"{where}: v must have shape (..., T_k={x_k.shape[-2]}, D_v), got {got}")
-    if heads is not None and v.ndim == x_k.ndim:
+        raise ValueError(f"{where}: v must have shape (..., T_k={t_k}, D_v), got {got}")
+    if heads is not None and v.ndim == feats[0][2].ndim - 1:
         v = v.unsqueeze(-3)  # one value set for every head
     if mask is not None and not isinstance(mask, torch.Tensor):
         raise TypeError(f"{where}: mask must be a tensor or None, got {type(mask).__name__}")
@@ -415,8 +490,6 @@ def structured_attention(
         raise ValueError(f"{where}: key_block must be None or an int >= 1, got {key_block!r}")
     if method not in ("auto", "sdpa", "scores", "streamed"):
         raise ValueError(f"{where}: method must be 'auto', 'sdpa', 'scores' or 'streamed', got {method!r}")
-    feats = _features(lvs, x_q, x_k, scale, qk_norm, heads)
-    t_q, t_k = x_q.shape[-2], x_k.shape[-2]
     if key_block is not None and key_block < t_k and method in ("auto", "streamed"):
         return _streamed(feats, v, t_q, t_k, causal, mask, q_offset, key_block)
     if method == "streamed":

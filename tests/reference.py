@@ -1,9 +1,13 @@
 """Independent dense references: each operator's matrix built from its parameters with plain torch ops
-(torch.kron, torch.block_diag, matmul, einsum), never through structmat's networks or nodes."""
+(torch.kron, torch.block_diag, matmul, einsum), never through structmat's networks or nodes.
+
+A stack of H operators (``heads=H``) gives an ``(H, m, n)`` tensor; combinators of stacks broadcast per head."""
 
 from __future__ import annotations
 
 import functools
+import math
+import string
 
 import torch
 
@@ -21,23 +25,115 @@ def reference_dense(op: sm.LinearOperator) -> torch.Tensor:
         return torch.eye(op.shape[0], dtype=torch.float64)[list(op.perm)]
     if isinstance(op, sm.TensorNetwork):
         return _tn_dense(op)
+    if isinstance(op, sm.LowRank):
+        return (op.U @ op.V).detach()
+    if isinstance(op, sm.BlockTensorTrain):
+        return _btt_dense(op)
+    if isinstance(op, sm.Monarch):
+        return _monarch_dense(op)
+    if isinstance(op, sm.TensorTrain):
+        return _tt_dense(op)
+    if isinstance(op, (sm.MultiLevelLowRank, sm.MultiLevel)):
+        return functools.reduce(torch.add, [reference_dense(level) for level in op.levels])
     if isinstance(op, sm.Sum):
         return functools.reduce(torch.add, [reference_dense(t) for t in op.terms])
     if isinstance(op, sm.Product):
         return functools.reduce(torch.matmul, [reference_dense(t) for t in op.factors])
     if isinstance(op, sm.Transpose):
-        return reference_dense(op.op).T
+        return reference_dense(op.op).mT
     if isinstance(op, sm.Kronecker):
-        return functools.reduce(torch.kron, [reference_dense(t) for t in op.parts])
+        return _per_head(torch.kron, [reference_dense(t) for t in op.parts], op.heads)
     if isinstance(op, sm.BlockDiagonal):
-        return torch.block_diag(*[reference_dense(t) for t in op.blocks])
+        parts = [reference_dense(t) for t in op.blocks]
+        if len(parts) == 1 and parts[0].ndim == 3:  # one stack: its operators are the blocks, grouped per head
+            stack = parts[0]
+            if op.heads is None:
+                return torch.block_diag(*stack)
+            groups = stack.reshape(op.heads, -1, *stack.shape[1:])
+            return torch.stack([torch.block_diag(*group) for group in groups])
+        return torch.block_diag(*parts)
     if isinstance(op, sm.Scaled):
         return op.scale * reference_dense(op.op)
     raise TypeError(f"no reference for {type(op).__name__}")
 
 
+def _per_head(fn, parts: list[torch.Tensor], heads: int | None) -> torch.Tensor:
+    """``reduce(fn, parts)`` for 2-D parts, else head by head (an unstacked part is the same for every head)."""
+    if heads is None:
+        return functools.reduce(fn, parts)
+    return torch.stack([functools.reduce(fn, [p[h] if p.ndim == 3 else p for p in parts]) for h in range(heads)])
+
+
+def _btt_dense(op: sm.BlockTensorTrain) -> torch.Tensor:
+    """The BTT matrix from btt.py's layout, one explicit einsum over the cores.
+
+    With N cores, inputs ``i_0..i_{N-1}``, outputs ``o_0..o_{N-1}`` and bonds ``r_0..r_N`` (``r_0 = r_N = 1``), core
+    ``k`` is stored as ``[o_0..o_{k-1}, i_0..i_{N-k-2}, r_k, o_k, i_{N-1-k}, r_{k+1}]`` and
+    ``W[(o_0..o_{N-1}), (i_0..i_{N-1})] = sum over the bonds of prod_k core_k``.
+    """
+    cores = [c.detach() for c in op.cores]
+    N = len(cores)
+    letters = iter(string.ascii_letters)
+    i = [next(letters) for _ in range(N)]
+    o = [next(letters) for _ in range(N)]
+    r = [next(letters) for _ in range(N + 1)]
+    subs = ["".join(o[:k] + i[: N - k - 1] + [r[k], o[k], i[N - 1 - k], r[k + 1]]) for k in range(N)]
+    return _einsum_matrix(subs, "".join(o) + "".join(i), cores, op.heads, op.shape)
+
+
+def _monarch_dense(op: sm.Monarch) -> torch.Tensor:
+    """Dao et al.'s ``W = L P R``: ``R`` block-diagonal with ``nblocks`` blocks ``(nblocks, n / nblocks)``, ``P`` the
+    perfect shuffle that transposes an ``(nblocks, nblocks)`` grid, ``L`` block-diagonal with ``nblocks`` blocks
+    ``(m / nblocks, nblocks)``. The blocks are ``core0[a, 0, :, :, 0]`` and ``core1[c, 0, :, :, 0]``."""
+    k = op.nblocks
+    shuffle = torch.eye(k * k, dtype=op.core0.dtype).reshape(k, k, k * k).transpose(0, 1).reshape(k * k, k * k)
+
+    def one(r_core: torch.Tensor, l_core: torch.Tensor) -> torch.Tensor:
+        R = torch.block_diag(*[r_core[a, 0, :, :, 0] for a in range(k)])
+        L = torch.block_diag(*[l_core[c, 0, :, :, 0] for c in range(k)])
+        return L @ shuffle @ R
+
+    r_core, l_core = op.core0.detach(), op.core1.detach()
+    if op.heads is None:
+        return one(r_core, l_core)
+    return torch.stack([one(r_core[h], l_core[h]) for h in range(op.heads)])
+
+
+def _tt_dense(op: sm.TensorTrain) -> torch.Tensor:
+    """``A[(o_1..o_N), (i_1..i_N)] = G_1[:, o_1, i_1, :] G_2[:, o_2, i_2, :] ... G_N[:, o_N, i_N, :]``, core by core."""
+
+    def one(cores: list[torch.Tensor]) -> torch.Tensor:
+        acc = cores[0][0]  # (o, i, r)
+        for g in cores[1:]:
+            acc = torch.einsum("OIr,roip->OoIip", acc, g)
+            acc = acc.reshape(acc.shape[0] * acc.shape[1], acc.shape[2] * acc.shape[3], acc.shape[4])
+        return acc[..., 0]
+
+    cores = [c.detach() for c in op.cores]
+    if op.heads is None:
+        return one(cores)
+    return torch.stack([one([c[h] for c in cores]) for h in range(op.heads)])
+
+
+def _einsum_matrix(
+    subs: list[str], out: str, tensors: list[torch.Tensor], heads: int | None, shape: tuple[int, int]
+) -> torch.Tensor:
+    """Contract ``tensors`` (a leading head axis on each for a stack) into the ``(m, n)`` matrix (``(H, m, n)``)."""
+    if heads is not None:
+        subs, out = ["Z" + s for s in subs], "Z" + out
+    W = torch.einsum(",".join(subs) + "->" + out, *tensors)
+    lead = (heads,) if heads is not None else ()
+    return W.reshape(*lead, *shape)
+
+
 def _tn_dense(op: sm.TensorNetwork) -> torch.Tensor:
-    """Parse the spec text again with str methods and contract with an identity standing for x."""
+    """Parse the spec text again with str methods and contract with an identity standing for x (head by head)."""
+    if op.heads is None:
+        return _tn_one(op, lambda name: getattr(op, name).detach())
+    return torch.stack([_tn_one(op, lambda name, h=h: getattr(op, name).detach()[h]) for h in range(op.heads)])
+
+
+def _tn_one(op: sm.TensorNetwork, factor) -> torch.Tensor:
     lhs, rhs = op.spec.split("=")
     out = _labels(lhs)
     terms = []
@@ -55,7 +151,7 @@ def _tn_dense(op: sm.TensorNetwork) -> torch.Tensor:
     sizes = {}
     for name, labs in terms:
         if name != "x":
-            sizes.update(zip(labs, getattr(op, name).shape))
+            sizes.update(zip(labs, factor(name).shape))
     in_sizes = []
     for lab in x_labels:
         in_sizes.append(sizes.get(lab))
@@ -74,7 +170,7 @@ def _tn_dense(op: sm.TensorNetwork) -> torch.Tensor:
             operands.append(eye)
             subs.append("".join(letters[lab] for lab in labs) + "Z")
         else:
-            operands.append(getattr(op, name).detach())
+            operands.append(factor(name))
             subs.append("".join(letters[lab] for lab in labs))
     eq = ",".join(subs) + "->" + "".join(letters[lab] for lab in out) + "Z"
     return torch.einsum(eq, *operands).reshape(op.shape[0], n)

@@ -55,6 +55,28 @@ ZOO: dict[str, Callable[[], sm.LinearOperator]] = {
     "tn_tt3": lambda: tn("y[o1,o2,o3] = A[o1,i1,p] B[p,o2,i2,q] C[q,o3,i3] x[i1,i2,i3]",
                          o1=2, i1=3, p=2, o2=3, i2=2, q=3, o3=2, i3=2),
     "tn_ones_input": lambda: tn("y[o] = W[o,i] s[a] x[a,i]", o=4, i=3, a=2),
+    # families (rectangular, distinct sizes; non-default factor splits where the family has them)
+    "lowrank": lambda: sm.LowRank(7, 5, rank=2, dtype=F64),
+    "btt2": lambda: sm.BTT(12, 10, ranks=2, dtype=F64),  # balanced splits (3, 4) x (2, 5)
+    "btt3": lambda: sm.BTT(12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), dtype=F64),
+    "monarch": lambda: sm.Monarch(6, 9, nblocks=3, dtype=F64),
+    "monarch_rect": lambda: sm.Monarch(8, 12, nblocks=2, dtype=F64),
+    "tt": lambda: sm.TT(12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), dtype=F64),
+    "mlr": lambda: sm.MLR(12, 8, ranks=[2, 1], blocks=[1, 4], dtype=F64),
+    "mlr_unequal": lambda: sm.MLR(9, 7, ranks=[2, 1], blocks=[1, [(4, 3), (5, 4)]], dtype=F64),
+    "multilevel": lambda: sm.MultiLevel(
+        12, 8,
+        [sm.Level(sm.LowRank, rank=2), sm.Level(sm.BTT, blocks=2, ranks=1),
+         sm.Level(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)])],
+        dtype=F64,
+    ),
+    "multilevel_built": lambda: sm.MultiLevel(
+        12, 12,
+        [sm.Kronecker.from_sizes((3, 3), (4, 4), dtype=F64), sm.BlockDiagonal(sm.Monarch(4, 4, 2, heads=3, dtype=F64))],
+    ),
+    "kron_from_sizes": lambda: sm.Kronecker.from_sizes((3, 2), (2, 5), dtype=F64),
+    "block_diag_from_sizes": lambda: sm.BlockDiagonal.from_sizes(6, 9, nblocks=3, dtype=F64),
+    "block_diag_of_stack": lambda: sm.BlockDiagonal(sm.LowRank(4, 3, rank=1, heads=3, dtype=F64)),
     # combinators
     "sum": lambda: dense(5, 7) + lowrank_tn(5, 2, 7),
     "difference": lambda: lowrank_tn(6, 1, 4) - dense(6, 4),

@@ -5,7 +5,9 @@ from .dense import Dense
 from .diagonal import Diagonal
 from .identity import Identity
 from .lowrank import LowRank
+from .mlr import MLR, MultiLevelLowRank
 from .monarch import Monarch
+from .multilevel import Level, MultiLevel
 from .permutation import Permutation
 from .tensor_network import TensorNetwork
 from .tt import TT, TensorTrain
@@ -22,4 +24,8 @@ __all__ = [
     "Monarch",
     "TensorTrain",
     "TT",
+    "MultiLevelLowRank",
+    "MLR",
+    "MultiLevel",
+    "Level",
 ]

@@ -8,6 +8,7 @@ import torch
 
 from .._base import LinearOperator
 from .._family import check_heads, define_network
+from .._init import check_float_dtype
 from .._nodes import NetNode, Node
 
 __all__ = ["Dense"]
@@ -65,11 +66,20 @@ class Dense(LinearOperator):
         m, n = weight.shape[-2:]
         obj = cls.__new__(cls)
         LinearOperator.__init__(obj, (m, n), heads)
+        check_float_dtype(obj.name, weight.dtype)
         obj._network = define_network(
             obj, [("weight", ("o", "i"))], dict(o=m, i=n), ("i",), ("o",), heads=heads,
-            given={"weight": torch.nn.Parameter(weight, requires_grad=requires_grad)}, where=obj.name,
+            given={"weight": _as_parameter(weight, requires_grad)}, where=obj.name,
         )
+        obj._node  # noqa: B018 - lower now, as the constructor does
         return obj
 
     def _lower(self) -> Node:
         return NetNode(self._network)
+
+
+def _as_parameter(t: torch.Tensor, requires_grad: bool) -> torch.nn.Parameter:
+    """``t`` itself when it is a Parameter (so two operators built from it share one), else a Parameter over it."""
+    if isinstance(t, torch.nn.Parameter):
+        return t.requires_grad_(requires_grad)
+    return torch.nn.Parameter(t, requires_grad=requires_grad)

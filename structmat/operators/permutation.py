@@ -48,10 +48,17 @@ class Permutation(LinearOperator):
     @classmethod
     def from_axes(cls, sizes: Sequence[int], order: Sequence[int]) -> Permutation:
         """View ``x`` as ``sizes`` (row-major), permute the axes to ``order``, flatten: a factor-free network."""
+        for what, seq in (("sizes", sizes), ("order", order)):
+            if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+                raise TypeError(
+                    f"Permutation.from_axes: {what} must be a sequence of ints, got {type(seq).__name__} {seq!r}"
+                )
         sizes, order = tuple(sizes), tuple(order)
         if not sizes or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in sizes):
             raise ValueError(f"Permutation.from_axes: sizes must be positive ints, got {sizes}")
-        if sorted(order) != list(range(len(sizes))):
+        if any(isinstance(k, bool) or not isinstance(k, numbers.Integral) for k in order) or sorted(order) != list(
+            range(len(sizes))
+        ):
             raise ValueError(f"Permutation.from_axes: order must be a permutation of range({len(sizes)}), got {order}")
         n = math.prod(sizes)
         obj = cls(torch.arange(n).reshape(sizes).permute(order).reshape(-1).tolist())

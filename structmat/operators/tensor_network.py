@@ -135,6 +135,8 @@ class TensorNetwork(LinearOperator):
                     f"{' and a head axis' if lead else ''} but a tensor of shape {tuple(t.shape)}"
                 )
             for axis, (lab, s) in enumerate(zip(labs, t.shape[lead:]), start=lead):
+                if s < 1:
+                    raise ValueError(f"{where}: size of label {lab!r} ({name} axis {axis}) must be >= 1, got {s}")
                 if lab in known and known[lab][0] != s:
                     size, source = known[lab]
                     raise ValueError(
@@ -168,8 +170,9 @@ class TensorNetwork(LinearOperator):
         super().__init__(
             (math.prod(known[lab][0] for lab in out), math.prod(known[lab][0] for lab in x_labels)), heads
         )
+        taken = set(dir(self)) | {"spec"}  # dir() lists properties without running them
         for name in names:
-            if hasattr(self, name):
+            if name in taken:
                 raise ValueError(f"{where}: {name!r} cannot be a factor name (the operator has that attribute)")
         self.spec = spec
         self._network = define_network(

@@ -1,0 +1,175 @@
+"""The ``structmat`` command line: ``structmat info "EXPR" [--batch B] [--json]``.
+
+``info`` builds the operator an expression describes on torch's ``meta`` device (no parameter memory is allocated,
+so a ``1000000 x 1000000`` operator is as quick to describe as a small one) and prints what the structure alone
+says: the operator tree, the rank bound, the parameter count, FLOPs and MACs for a batch, opt_einsum's contraction
+path for every einsum, and the speedup over a dense matrix of the same shape.
+
+Example:
+    >>> from structmat.cli import main
+    >>> main(["info", "dense(64, 8) @ dense(8, 64)", "--batch", "4", "--json"])  # doctest: +ELLIPSIS
+    {"expr": "dense(64, 8) @ dense(8, 64)", "shape": [64, 64], "heads": null, "rank_bound": 8, "rank_exact": true, ...}
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._base import LinearOperator
+from .expr import REGISTRY, parse, to_expr
+
+__all__ = ["main", "info"]
+
+_EPILOG = """examples:
+  structmat info "dense(1024, 16) @ dense(16, 1024)"
+  structmat info "kron(dense(32, 32), dense(32, 32)) + 0.5 * identity(1024)" --batch 64
+  structmat info "dense(1000000, 8) @ dense(8, 1000000)" --json
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="structmat",
+        description="Structured linear operators as tensor networks: rank, parameters, FLOPs and contraction paths "
+        "from shapes alone.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    info_parser = sub.add_parser(
+        "info",
+        help="describe the operator an expression builds (tree, rank, params, FLOPs, path), without allocating it",
+        description="Build EXPR on the meta device (no parameter memory) and print its tree, rank bound, parameter "
+        "count, FLOPs and MACs for a batch, opt_einsum's contraction path and the speedup over dense.",
+        epilog="EXPR grammar: names "
+        + ", ".join(sorted(REGISTRY))
+        + "; operators + - @ * / and .T; numbers, [lists] and keyword arguments, e.g. "
+        '"dense(64, 8) @ dense(8, 64) + 0.5 * identity(64)".',
+    )
+    info_parser.add_argument("expr", metavar="EXPR", help="an operator expression, e.g. 'dense(64, 8) @ dense(8, 64)'")
+    info_parser.add_argument(
+        "--batch", type=_positive_int, default=1, metavar="B", help="number of input vectors (default: 1)"
+    )
+    info_parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def info(op: LinearOperator, batch: int = 1) -> dict[str, Any]:
+    """The facts ``structmat info`` reports about ``op``, from shapes alone, as a JSON-ready dict.
+
+    Args:
+        op: the operator (on any device; ``meta`` works).
+        batch: number of input vectors for the cost.
+
+    Returns:
+        A dict with ``expr``, ``shape``, ``heads``, ``rank_bound``, ``rank_exact``, ``num_params``, ``batch``,
+        ``flops``, ``macs``, ``dense_flops``, ``speedup`` (None when the operator costs no FLOPs),
+        ``largest_intermediate`` and ``path`` (a list of ``[equation, path]``, one per einsum).
+
+    Example:
+        >>> import structmat as sm
+        >>> from structmat.cli import info
+        >>> facts = info(sm.Dense(5, 2, device="meta") @ sm.Dense(2, 7, device="meta"), batch=3)
+        >>> facts["rank_bound"], facts["flops"], facts["dense_flops"], facts["path"]
+        (2, 144, 210, [['za,bc,ca->zb', [[0, 2], [0, 1]]]])
+    """
+    rank = op.rank()
+    cost = op.cost(batch)
+    speedup = cost.speedup
+    try:
+        expr: str | None = to_expr(op)
+    except ValueError:
+        expr = None
+    return {
+        "expr": expr,
+        "shape": list(op.shape),
+        "heads": op.heads,
+        "rank_bound": rank.bound,
+        "rank_exact": rank.exact,
+        "num_params": op.num_params,
+        "batch": cost.batch,
+        "flops": cost.flops,
+        "macs": cost.macs,
+        "dense_flops": cost.dense_flops,
+        "speedup": speedup if speedup != float("inf") else None,
+        "largest_intermediate": cost.largest_intermediate,
+        "path": [[equation, [list(step) for step in path]] for equation, path in cost.path],
+    }
+
+
+def _text(op: LinearOperator, facts: dict[str, Any]) -> str:
+    m, n = facts["shape"]
+    heads = f", heads={facts['heads']}" if facts["heads"] is not None else ""
+    exact = "(exact for generic parameters)" if facts["rank_exact"] else "(bound)"
+    speedup = "inf (no FLOPs)" if facts["speedup"] is None else f"{facts['speedup']:.4g}x"
+    lines = [
+        f"expr:     {facts['expr']}" if facts["expr"] is not None else "expr:     (none)",
+        f"shape:    ({m}, {n}){heads}",
+        f"rank:     <= {facts['rank_bound']:,} {exact}",
+        f"params:   {facts['num_params']:,}",
+        f"batch:    {facts['batch']:,}",
+        f"flops:    {facts['flops']:,}  (multiply-add = 2)",
+        f"macs:     {facts['macs']:,}",
+        f"dense:    {facts['dense_flops']:,} flops",
+        f"speedup:  {speedup} over dense",
+        f"largest intermediate: {facts['largest_intermediate']:,} elements",
+        "path:" if facts["path"] else "path:     (no einsum)",
+    ]
+    for k, (equation, path) in enumerate(facts["path"]):
+        steps = ", ".join(str(tuple(step)) for step in path)
+        lines.append(f"  einsum {k}: {equation}  path [{steps}]")
+    lines.append("tree:")
+    lines.extend("  " + line for line in repr(op).splitlines())
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``structmat`` command line; returns the exit status (0 ok, 2 for a usage or parse error).
+
+    Args:
+        argv: the arguments after the program name (``sys.argv[1:]`` when None).
+
+    Example:
+        >>> from structmat.cli import main
+        >>> main(["info", "dense(5, 2) @ dense(2, 7)"])  # doctest: +ELLIPSIS
+        expr:     dense(5, 2) @ dense(2, 7)
+        shape:    (5, 7)
+        rank:     <= 2 (exact for generic parameters)
+        params:   24
+        ...
+        0
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2): report the status instead of exiting
+        return int(e.code or 0)
+    if args.command != "info":
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        op = parse(args.expr, device="meta")
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    facts = info(op, args.batch)
+    if args.json:
+        print(json.dumps(facts))
+    else:
+        print(_text(op, facts))
+    return 0

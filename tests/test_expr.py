@@ -1,0 +1,399 @@
+"""structmat.expr: the whitelist parser, the printer, and their round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import structmat as sm
+from structmat.expr import REGISTRY, parse, to_expr
+
+META = "meta"
+
+
+def structure(op: sm.LinearOperator) -> tuple:
+    """What an expression fixes: classes, shapes, heads, nesting, scales, and for leaves the parameter count and rank
+    (which pin down the family's hyperparameters). Independent of to_expr, so the round trip is checked against it."""
+    extra: object = None
+    if isinstance(op, sm.Scaled):
+        extra = op.scale
+    elif isinstance(op, sm.Permutation):
+        extra = op.perm
+    kids = tuple(structure(k) for k in op._operands())
+    leaf = (op.num_params, op.rank()) if not kids else None
+    return (type(op).__name__, op.shape, op.heads, extra, leaf, kids)
+
+
+def roundtrip(op: sm.LinearOperator) -> sm.LinearOperator:
+    text = to_expr(op)
+    back = parse(text, device=META)
+    assert structure(back) == structure(op), text
+    assert to_expr(back) == text
+    return back
+
+
+def D(m: int, n: int, **kw) -> sm.Dense:  # noqa: N802
+    return sm.Dense(m, n, device=META, **kw)
+
+
+# -- round trips ------------------------------------------------------------------------------------------------------
+CASES = {
+    "dense": lambda: D(5, 7),
+    "dense_heads": lambda: D(5, 7, heads=3),
+    "identity": lambda: sm.Identity(6),
+    "diag": lambda: sm.Diagonal(5, device=META),
+    "axis_permutation": lambda: sm.Permutation.from_axes((3, 4, 2), (2, 0, 1)),
+    "sum_python": lambda: D(2, 3) + D(2, 3) + D(2, 3),
+    "sum_nary": lambda: sm.Sum(D(2, 3), D(2, 3), D(2, 3)),
+    "difference": lambda: D(2, 3) - D(2, 3),
+    "difference_of_difference": lambda: (D(2, 3) - D(2, 3)) - (D(2, 3) - D(2, 3)),
+    "negated_first": lambda: -D(2, 3) + D(2, 3),
+    "negate_twice": lambda: -(-D(2, 3)),
+    "scale_negated": lambda: 2.0 * (-D(2, 3)),
+    "negate_scaled": lambda: -(2.0 * D(2, 3)),
+    "scale_scaled": lambda: 3.0 * (0.5 * D(2, 3)),
+    "negative_scale_in_sum": lambda: D(2, 3) + (-2.5) * D(2, 3),
+    "tiny_and_huge_scales": lambda: 1e-20 * D(2, 2) + (-1e300) * D(2, 2) + (1 / 3) * D(2, 2),
+    "division": lambda: D(2, 2) / 7,
+    "product_python": lambda: (D(2, 3) @ D(3, 4)) @ D(4, 5),
+    "product_right_nested": lambda: D(2, 3) @ (D(3, 4) @ D(4, 5)),
+    "product_nary": lambda: sm.Product(D(2, 3), D(3, 4), D(4, 5)),
+    "scaled_in_product": lambda: (0.1 * D(2, 2)) @ D(2, 2) @ (-D(2, 2)),
+    "product_in_scaled": lambda: 0.1 * (D(2, 3) @ D(3, 2)),
+    "product_of_sums": lambda: (D(4, 6) + D(4, 6)) @ (D(6, 5) - D(6, 5)),
+    "transpose": lambda: D(5, 7).T,
+    "transpose_twice": lambda: sm.Transpose(sm.Transpose(D(5, 7))),
+    "transpose_of_sum": lambda: (D(2, 2) + D(2, 2)).T,
+    "transpose_of_negation": lambda: (-D(2, 2)).T,
+    "negation_of_transpose": lambda: -D(2, 2).T,
+    "kron": lambda: sm.kron(D(2, 3), D(5, 4)),
+    "kron_single": lambda: sm.Kronecker(D(2, 3)),
+    "kron_mixed": lambda: sm.kron(D(2, 3) + D(2, 3), sm.Diagonal(4, device=META), sm.Identity(3)).T,
+    "block_diag": lambda: sm.block_diag(D(2, 3), sm.Identity(4), 2.0 * D(1, 1)),
+    "block_diag_of_stack": lambda: sm.BlockDiagonal(D(3, 5, heads=4)),
+    "nested": lambda: sm.kron(sm.block_diag(D(2, 2), D(1, 3) @ D(3, 1)), sm.Identity(2)) - 0.25 * D(6, 6).T @ D(6, 6),
+    "stack_of_heads": lambda: D(3, 4, heads=2) @ D(4, 3, heads=2) + 2 * sm.Identity(3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_roundtrip(name: str) -> None:
+    roundtrip(CASES[name]())
+
+
+FAMILIES = {
+    # registry name: (structmat class name, expressions)
+    "lowrank": ("LowRank", ["lowrank(12, 7, rank=3)", "lowrank(12, 7, rank=1, heads=2)"]),
+    "btt": ("BlockTensorTrain", [
+        "btt(64, 64, ranks=2)",
+        "btt(64, 48, ranks=[2, 3], in_factors=[4, 4, 3], out_factors=[4, 4, 4])",
+        "btt(64, 64, ranks=2, in_factors=[4, 16], out_factors=[8, 8], heads=3)",
+    ]),
+    "monarch": ("Monarch", ["monarch(12, 20, nblocks=4)", "monarch(16, 16, nblocks=2, heads=2)"]),
+    "tt": ("TensorTrain", [
+        "tt(64, 64, ranks=3)",
+        "tt(27, 8, ranks=[2, 1], in_factors=[2, 2, 2], out_factors=[3, 3, 3])",
+    ]),
+    "mlr": ("MultiLevelLowRank", [
+        "mlr(16, 16, ranks=[2, 1, 1], blocks=[1, 2, 4])",
+        "mlr(10, 10, ranks=[2, 1], blocks=[1, [[4, 4], [6, 6]]])",
+        "mlr(12, 8, ranks=[1, 1], blocks=[2, 4], heads=3)",
+    ]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_roundtrip(name: str) -> None:
+    cls_name, texts = FAMILIES[name]
+    cls = getattr(sm, cls_name, None)
+    if cls is None:
+        pytest.skip(f"structmat.{cls_name} does not exist yet")
+    for text in texts:
+        op = parse(text, device=META)
+        assert type(op) is cls
+        assert to_expr(op) == text
+        roundtrip(op)
+        roundtrip(0.5 * op.T @ op + op.T @ op)
+
+
+def test_lowrank_in_a_product() -> None:
+    if not hasattr(sm, "LowRank"):
+        pytest.skip("structmat.LowRank does not exist yet")
+    op = parse("dense(1000000, 1000000) @ lowrank(1000000, 1000000, rank=8)", device=META)
+    assert op.rank().bound == 8
+    roundtrip(op)
+
+
+# -- what parse builds ------------------------------------------------------------------------------------------------
+def test_parse_follows_python_precedence() -> None:
+    op = parse("dense(2, 3) + 2 * dense(2, 4) @ dense(4, 3).T.T - dense(3, 2).T", device=META)
+    assert isinstance(op, sm.Sum) and len(op.terms) == 3
+    a, b, c = op.terms
+    assert isinstance(a, sm.Dense)
+    assert isinstance(b, sm.Product) and isinstance(b.factors[0], sm.Scaled) and b.factors[0].scale == 2.0
+    assert isinstance(b.factors[1], sm.Transpose) and isinstance(b.factors[1].op, sm.Transpose)
+    assert isinstance(c, sm.Scaled) and c.scale == -1.0 and isinstance(c.op, sm.Transpose)
+    # unary minus binds looser than .T and tighter than * (as in Python)
+    neg = parse("-dense(2, 3).T * 3", device=META)
+    assert isinstance(neg, sm.Scaled) and neg.scale == 3.0
+    assert isinstance(neg.op, sm.Scaled) and neg.op.scale == -1.0 and isinstance(neg.op.op, sm.Transpose)
+    # * and @ share one level, left to right: (A @ B) * 2 @ C
+    mixed = parse("dense(2, 3) @ dense(3, 4) * 2 @ dense(4, 5)", device=META)
+    assert isinstance(mixed, sm.Product) and len(mixed.factors) == 2
+    assert isinstance(mixed.factors[0], sm.Scaled) and isinstance(mixed.factors[0].op, sm.Product)
+
+
+def test_parse_numbers() -> None:
+    op = parse("-2 * 1.5e1 * dense(2 * 3, 1_000 - 990) / 4 * .5", device=META)
+    assert op.shape == (6, 10)
+    assert isinstance(op, sm.Scaled) and op.scale == 0.5
+    assert isinstance(op.op, sm.Scaled) and op.op.scale == 0.25
+    assert op.op.op.scale == -30.0 and isinstance(op.op.op.op, sm.Dense)
+    assert parse("dense(3, 3) * 2").scale == 2.0  # type: ignore[attr-defined]
+
+
+def test_parse_whitespace_and_trailing_comma() -> None:
+    op = parse("  kron(\n  dense(2, 3),\n  identity(4),\n)\t", device=META)
+    assert isinstance(op, sm.Kronecker) and op.shape == (8, 12)
+
+
+def test_parse_dtype_and_device() -> None:
+    op = parse("dense(2, 3) @ diag(3) + identity(2) @ dense(2, 3)", dtype=torch.float64)
+    assert op.dtype == torch.float64 and op.device.type == "cpu"
+    assert {p.dtype for p in op.parameters()} == {torch.float64}
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert op(x).shape == (4, 2)
+    meta = parse("dense(2, 3)", device=META)
+    assert meta.device.type == "meta"
+    assert parse("identity(3)", dtype=torch.float64).dtype is None  # Identity takes neither
+
+
+def test_parse_huge_on_meta_allocates_nothing() -> None:
+    op = parse("dense(1000000, 1000000) @ (dense(1000000, 8) @ dense(8, 1000000))", device=META)
+    assert op.num_params == 10**12 + 16 * 10**6
+    assert all(p.device.type == "meta" for p in op.parameters())
+    assert op.rank().bound == 8
+
+
+def test_parse_aliases_and_registry_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert type(parse("diagonal(4)", device=META)) is sm.Diagonal
+    monkeypatch.setitem(REGISTRY, "square", lambda n, *, device=None: sm.Dense(n, n, device=device))
+    op = parse("square(5) @ dense(5, 2)", device=META)
+    assert op.shape == (5, 2) and op.factors[0].device.type == "meta"  # type: ignore[attr-defined]
+
+
+def test_parse_permute_axes() -> None:
+    op = parse("permute_axes([2, 3], [1, 0])")
+    assert op(torch.arange(6.0)).tolist() == [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+
+
+def test_parsed_parameters_are_new() -> None:
+    a = sm.Dense(3, 3)
+    b = parse(to_expr(a + a))
+    assert b.num_params == 18  # an expression holds no sharing and no values
+
+
+# -- errors -----------------------------------------------------------------------------------------------------------
+ERRORS = [
+    ("foo(3)", r"unknown name 'foo' at position 0; known names: .*dense"),
+    ("dense(2, 2) + foo(3)", r"unknown name 'foo' at position 14"),
+    ("__import__('os').system('ls')", r"unexpected character \"'\" at position 11"),
+    ("__import__(1)", r"unknown name '__import__' at position 0"),
+    ("eval(1)", r"unknown name 'eval' at position 0"),
+    ("dense(2,2).__class__", r"attribute access '\.__class__' is not allowed at position 10 \(only \.T"),
+    ("dense(2, 3).weight", r"attribute access '\.weight' is not allowed at position 11"),
+    ("dense(2, 3).T.mT", r"attribute access '\.mT' is not allowed at position 13"),
+    ("dense(2, 3).", r"attribute access '\.' is not allowed at position 11"),
+    ("(dense(2,2))(3)", r"call of an expression at position 12; only whitelisted names can be called"),
+    ("dense(2, 2)(3)", r"call of an expression at position 11"),
+    ("dense(2, 2).T(3)", r"call of an expression at position 13"),
+    ("dense(2, 2)[0]", r"indexing is not allowed at position 11"),
+    ("dense", r"'dense' is not called at position 0; write dense\(\.\.\.\)"),
+    ("dense(2, 3", r"unbalanced parentheses: '\(' is never closed at position 5"),
+    ("(dense(2, 3) + dense(2, 3)", r"unbalanced parentheses: '\(' is never closed at position 0"),
+    ("dense(2, 3))", r"unbalanced parentheses: '\)' without a matching '\(' at position 11"),
+    ("dense(2, 3) + )", r"unbalanced parentheses: '\)' without a matching '\(' at position 14"),
+    ("permute_axes([2, 3], [1, 0)", r"expected ',' or '\]' in the list, found '\)' at position 26"),
+    ("permute_axes([2, 3], [1, 0", r"unbalanced brackets: '\[' is never closed at position 21"),
+    ("()", r"unexpected '\)' at position 1; expected a number"),
+    ("", r"empty expression at position 0"),
+    ("   ", r"empty expression at position 3"),
+    ("dense(2, 3) +", r"unexpected end of input at position 13"),
+    ("dense(2, 3) dense(2, 3)", r"unexpected 'dense' at position 12; expected an operator"),
+    ("dense(2 3)", r"expected ',' or '\)' in the arguments of dense\(\), found '3' at position 8"),
+    ("dense(2, 3) ** 2", r"unexpected '\*' after '\*' at position 13 \(no \*\* or //\)"),
+    ("dense(2, 3) ; 1", r"unexpected character ';' at position 12"),
+    ("dense(2, 3) # comment", r"unexpected character '#' at position 12"),
+    ("dense('2', 3)", r"unexpected character \"'\" at position 6"),
+    ("+dense(2, 3)", r"unary '\+' is not supported at position 0"),
+    ("lambda(0)", r"unknown name 'lambda' at position 0"),
+    ("lambda: 0", r"unexpected character ':' at position 6"),
+    ("dense(2, 3, rank=4)", r"dense\(\) has no keyword 'rank' at position 12 \(its keywords: m, n, heads\)"),
+    ("dense(2, n=3, n=3)", r"dense\(\): keyword 'n' given twice at position 14"),
+    ("dense(m=2, 3)", r"dense\(\): positional argument after keyword arguments at position 11"),
+    ("dense(2, 3, dtype=1)", r"keyword 'dtype' of dense\(\) is not allowed at position 12; pass dtype= to structmat"),
+    ("dense(2, 3, device=1)", r"keyword 'device' of dense\(\) is not allowed at position 12"),
+    ("dense(2, 3, 4)", r"bad arguments to dense\(\) at position 0: too many positional arguments"),
+    ("dense(2)", r"bad arguments to dense\(\) at position 0: missing a required argument: 'n'"),
+    ("identity(2, 3)", r"bad arguments to identity\(\) at position 0"),
+    ("dense(0, 3)", r"dense\(0, 3\) at position 0: Dense: m \(rows\) must be >= 1, got 0"),
+    ("dense(2.5, 3)", r"dense\(2\.5, 3\) at position 0: Dense: m \(rows\) must be an int, got float 2\.5"),
+    ("dense(2, [3])", r"dense\(2, \[3\]\) at position 0: Dense: n \(columns\) must be an int"),
+    ("kron()", r"kron\(\) at position 0: Kronecker: needs at least one operator"),
+    ("kron(2, 3)", r"kron\(2, 3\) at position 0: Kronecker: expected LinearOperator operands, got int"),
+    ("dense(2, 3) + dense(3, 2)", r"'\+' at position 12: Sum: operands must share one shape"),
+    ("dense(2, 3) @ dense(2, 3)", r"'@' at position 12: Product: cannot compose Dense\(2, 3\) @ Dense\(2, 3\)"),
+    ("dense(2, 3) * 1e999", r"'\*' at position 12: Scaled\(.*\): scale must be finite, got inf"),
+    ("dense(2, 3) / 0", r"division by zero at position 12"),
+    ("dense(2, 3) / dense(2, 3)", r"'/' by an operator at position 12"),
+    ("dense(2, 3) * dense(3, 3)", r"'\*' of two operators at position 12; '\*' scales by a number, '@' composes"),
+    ("dense(2, 3) @ 2", r"'@' with a number at position 12"),
+    ("2 @ dense(2, 3)", r"'@' with a number at position 2"),
+    ("dense(2, 3) + 1", r"cannot add a number and an operator at position 12"),
+    ("1 + dense(2, 3)", r"cannot add a number and an operator at position 0"),
+    ("dense(2, 3) + [1]", r"a list cannot be added or subtracted at position 14"),
+    ("2 * [1]", r"a list cannot be multiplied at position 4"),
+    ("[1] * 2", r"a list cannot be multiplied at position 0"),
+    ("-[1]", r"unary '-' needs an operator at position 1, got a list"),
+    ("2.5.T", r"\.T needs an operator at position 0, got a number"),
+    ("permute_axes([dense(2, 2)], [0])", r"a list holds numbers or lists, not operators at position 14"),
+    ("3", r"the expression is a number, not an operator at position 0"),
+    ("[1, 2]", r"the expression is a list, not an operator at position 0"),
+    ("dense(" + "9" * 5000 + ", 2)", r"number '9{20}' is too long at position 6"),
+    ("(" * 200 + "dense(2, 2)" + ")" * 200, r"expression nested too deeply \(more than 100 levels\) at position 100"),
+    ("-" * 200 + "dense(2, 2)", r"expression nested too deeply \(more than 100 levels\) at position 100"),
+]
+
+
+@pytest.mark.parametrize(("text", "match"), ERRORS, ids=[t[:30] for t, _ in ERRORS])
+def test_parse_errors(text: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse(text, device=META)
+
+
+def test_error_message_has_a_caret_under_the_position() -> None:
+    with pytest.raises(ValueError) as info:
+        parse("dense(2, 2) + foo(3)")
+    message = str(info.value)
+    assert message.startswith("structmat.parse: unknown name 'foo' at position 14")
+    text_line, caret_line = message.splitlines()[1:3]
+    assert text_line == "    dense(2, 2) + foo(3)"
+    assert caret_line == " " * text_line.index("foo") + "^"
+
+
+def test_error_caret_on_a_later_line() -> None:
+    with pytest.raises(ValueError, match=r"at position 16") as info:
+        parse("dense(2, 2)\n  + bar(1)")
+    lines = str(info.value).splitlines()
+    assert lines[1] == "      + bar(1)" and lines[2] == "        ^"
+
+
+def test_constructor_errors_are_raised_from_none() -> None:
+    with pytest.raises(ValueError, match=r"dense\(0, 3\) at position 4") as info:
+        parse("2 * dense(0, 3)")
+    assert info.value.__suppress_context__
+
+
+def test_missing_family_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from structmat.expr import _Family
+
+    monkeypatch.setitem(REGISTRY, "nosuch", _Family("NoSuchFamily"))
+    with pytest.raises(ValueError, match=r"nosuch\(\) is not available at position 0: it needs structmat\.NoSuch"):
+        parse("nosuch(2, 2)")
+
+
+def test_parse_rejects_non_strings() -> None:
+    with pytest.raises(TypeError, match=r"structmat.parse: text must be a str, got bytes"):
+        parse(b"dense(2, 2)")  # type: ignore[arg-type]
+
+
+def test_to_expr_errors() -> None:
+    with pytest.raises(ValueError, match=r"to_expr: TensorNetwork\('y\[o\] = W\[o,i\] x\[i\]'\) has no expression"):
+        to_expr(sm.TensorNetwork("y[o] = W[o,i] x[i]", sizes=dict(o=2, i=3)))
+    with pytest.raises(ValueError, match=r"to_expr: a general Permutation\(3, 3\) has no expression"):
+        to_expr(sm.Dense(3, 3) @ sm.Permutation([2, 0, 1]))
+    with pytest.raises(TypeError, match=r"to_expr: expected a LinearOperator, got Tensor"):
+        to_expr(torch.eye(2))  # type: ignore[arg-type]
+
+
+def test_single_operand_sum_and_product_print_as_the_operand() -> None:
+    assert to_expr(sm.Sum(sm.Dense(2, 3))) == "dense(2, 3)"
+    assert to_expr(sm.Product(sm.Dense(2, 3)) @ sm.Dense(3, 1)) == "dense(2, 3) @ dense(3, 1)"
+    assert to_expr(2.0 * sm.Sum(sm.Dense(2, 3))) == "2.0 * dense(2, 3)"
+
+
+# -- random trees -----------------------------------------------------------------------------------------------------
+SCALES = st.one_of(
+    st.sampled_from([-1.0, 2.0, 0.5, -2.5, 1e-3, 0.0, -0.0]),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+def divisors(k: int) -> list[int]:
+    return [d for d in range(1, k + 1) if k % d == 0]
+
+
+@st.composite
+def operators(draw: st.DrawFn, m: int, n: int, depth: int) -> sm.LinearOperator:
+    kinds = ["dense"] + (["identity", "diag"] if m == n else [])
+    if depth > 0:
+        kinds += ["sum", "sum_python", "difference", "product", "product_python", "transpose", "scaled", "neg", "kron"]
+        if m >= 2 and n >= 2:
+            kinds.append("block_diag")
+    kind = draw(st.sampled_from(kinds))
+    sub = depth - 1
+    if kind == "dense":
+        return D(m, n)
+    if kind == "identity":
+        return sm.Identity(m)
+    if kind == "diag":
+        return sm.Diagonal(m, device=META)
+    if kind == "sum":
+        k = draw(st.integers(2, 3))
+        return sm.Sum(*(draw(operators(m, n, sub)) for _ in range(k)))
+    if kind == "sum_python":
+        return draw(operators(m, n, sub)) + draw(operators(m, n, sub))
+    if kind == "difference":
+        return draw(operators(m, n, sub)) - draw(operators(m, n, sub))
+    if kind in ("product", "product_python"):
+        inner = draw(st.integers(1, 5))
+        a, b = draw(operators(m, inner, sub)), draw(operators(inner, n, sub))
+        return a @ b if kind == "product_python" else sm.Product(a, b)
+    if kind == "transpose":
+        return sm.Transpose(draw(operators(n, m, sub)))
+    if kind == "scaled":
+        return sm.Scaled(draw(operators(m, n, sub)), draw(SCALES))
+    if kind == "neg":
+        return -draw(operators(m, n, sub))
+    if kind == "kron":
+        m1, n1 = draw(st.sampled_from(divisors(m))), draw(st.sampled_from(divisors(n)))
+        return sm.Kronecker(draw(operators(m1, n1, sub)), draw(operators(m // m1, n // n1, sub)))
+    m1, n1 = draw(st.integers(1, m - 1)), draw(st.integers(1, n - 1))
+    return sm.BlockDiagonal(draw(operators(m1, n1, sub)), draw(operators(m - m1, n - n1, sub)))
+
+
+@st.composite
+def random_operators(draw: st.DrawFn) -> sm.LinearOperator:
+    m, n = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    return draw(operators(m, n, draw(st.integers(0, 3))))
+
+
+@given(random_operators())
+def test_roundtrip_random_trees(op: sm.LinearOperator) -> None:
+    back = roundtrip(op)
+    assert back.shape == op.shape
+    assert math.isfinite(sum(s.scale for s in back.modules() if isinstance(s, sm.Scaled)))
+
+
+def test_issue_example() -> None:
+    text = "btt(1024, 1024, ranks=2) @ lowrank(1024, 1024, rank=16) + 0.5 * dense(1024, 1024).T"
+    if not (hasattr(sm, "BlockTensorTrain") and hasattr(sm, "LowRank")):
+        pytest.skip("the BTT and LowRank families do not exist yet")
+    op = parse(text, device=META)
+    assert to_expr(op) == text
+    assert isinstance(op, sm.Sum) and isinstance(op.terms[0], sm.Product) and isinstance(op.terms[1], sm.Scaled)
+    assert type(op.terms[0].factors[0]) is sm.BlockTensorTrain and op.terms[1].scale == 0.5

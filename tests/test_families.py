@@ -1,0 +1,591 @@
+"""Family facts: rank rules, parameter counts, exact costs, dense vs the independent reference, transpose, gradcheck
+and every validation error, for LowRank, BTT (2 and 3 cores), Monarch, TT, MLR, MultiLevel, Kronecker.from_sizes and
+BlockDiagonal.from_sizes; and MultiLevel as the family that holds LowRank, BTT, Monarch, Kronecker and MLR.
+
+Costs are opt_einsum's convention (a multiply-add counts 2): a pairwise contraction over the index set S costs
+``|S|`` when nothing is summed and ``2 |S|`` when something is. A three-operand network (x and two factors) has three
+contraction orders; the hand formulas below list all three and the test takes the minimum.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import opt_einsum as oe
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import reference_dense
+
+import structmat as sm
+
+F64 = torch.float64
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+def true_rank(op: sm.LinearOperator) -> int:
+    return int(torch.linalg.matrix_rank(reference_dense(op)))
+
+
+def check_dense_and_transpose(op: sm.LinearOperator) -> None:
+    ref = reference_dense(op)
+    torch.testing.assert_close(op.dense(), ref)
+    torch.testing.assert_close(op.T.dense(), ref.mT)
+    x = torch.randn(3, op.shape[1], dtype=F64)
+    torch.testing.assert_close(op(x), x @ ref.mT)
+
+
+def check_rank(op: sm.LinearOperator, bound: int, exact: bool) -> None:
+    """The structural rank is ``bound`` (hand-derived); an exact claim must equal the rank of random parameters."""
+    r = op.rank()
+    assert (r.bound, r.exact) == (bound, exact), op.name
+    true = true_rank(op)
+    assert (r.bound == true) if r.exact else (r.bound >= true), (op.name, r, true)
+
+
+def opt_einsum_optimal(cost: sm.Cost) -> int:
+    """opt_einsum's optimal cost for each einsum the operator runs, from the equation and shapes alone."""
+    total = 0
+    for c in cost.contractions:
+        _, info = oe.contract_path(c.equation, *c.shapes, shapes=True, optimize="optimal")
+        total += int(info.opt_cost)
+    return total
+
+
+def gradcheck(op: sm.LinearOperator) -> None:
+    params = dict(op.named_parameters())
+    names = list(params)
+    x = torch.randn(2, op.shape[1], dtype=F64, requires_grad=True)
+
+    def f(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(op, dict(zip(names, values)), (x,))
+
+    values = [p.detach().clone().requires_grad_(True) for p in params.values()]
+    assert torch.autograd.gradcheck(f, (x, *values))
+
+
+batches = st.sampled_from([1, 2, 7])
+
+
+# -- LowRank ------------------------------------------------------------------------------------------------------
+@given(st.integers(1, 9), st.integers(1, 9), st.data(), batches)
+def test_lowrank_facts(m, n, data, batch):
+    r = data.draw(st.integers(1, min(m, n)), label="rank")
+    op = sm.LowRank(m, n, r, dtype=F64)
+    assert op.num_params == r * (m + n)
+    check_rank(op, r, True)
+    # x[z,i] U[o,r] V[r,i]: x·V then U | U·V then x | x·U (an outer product, nothing summed) then V
+    hand = min(2 * batch * r * (m + n), 2 * m * r * n + 2 * batch * m * n, 3 * batch * m * n * r)
+    assert op.cost(batch).flops == hand == opt_einsum_optimal(op.cost(batch))
+    check_dense_and_transpose(op)
+
+
+def test_lowrank_cost_small_case():
+    # LowRank(12, 7, 3) at batch 2: x·V: 2 * (2*7*3) = 84; then ·U: 2 * (2*3*12) = 144
+    assert sm.LowRank(12, 7, 3).cost(2).flops == 228 == 2 * 2 * 3 * (12 + 7)
+
+
+# -- BTT with two cores -------------------------------------------------------------------------------------------
+def btt2_cost(a: int, b: int, c: int, d: int, s: int, batch: int) -> int:
+    """BTT with input (a, b), output (c, d), bond s: cores R[a,c,b,s] and L[c,s,d,a] (plus size-1 end bonds)."""
+    x_r_then_l = 2 * batch * a * b * c * s + 2 * batch * a * c * s * d
+    x_l_then_r = 2 * batch * a * b * c * s * d + 2 * batch * a * b * c * s * d  # a size-1 end bond is summed first
+    r_l_then_x = 2 * a * b * c * d * s + 2 * batch * a * b * c * d
+    return min(x_r_then_l, x_l_then_r, r_l_then_x)
+
+
+# opt_einsum's 'optimal' search costs a pairwise step without the size-1 end bonds (which it sums in the step that
+# reads them), so when i1 = o1 = 1 it can settle on a path that the reported count prices higher: the cost
+# assertions use i1, o1 >= 2 (the rank and dense checks use every size).
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), batches)
+def test_btt2_facts(i0, i1, o0, o1, s, batch):
+    m, n = o0 * o1, i0 * i1
+    op = sm.BTT(m, n, ranks=s, in_factors=(i0, i1), out_factors=(o0, o1), dtype=F64)
+    assert op.num_params == i0 * o0 * i1 * s + o0 * s * o1 * i0
+    # the cut: all inputs (n), all outputs (m), or the labels both cores share (i0, o0, s); exact for two cores
+    check_rank(op, min(m, n, i0 * o0 * s), True)
+    if i1 >= 2 and o1 >= 2:
+        assert op.cost(batch).flops == btt2_cost(i0, i1, o0, o1, s, batch) == opt_einsum_optimal(op.cost(batch))
+    check_dense_and_transpose(op)
+
+
+def test_btt2_is_the_papers_formula():
+    """``W[(c, d), (a, b)] = sum_s L[c, d, a, s] R[a, c, s, b]`` from the cores, written by hand."""
+    op = sm.BTT(12, 10, ranks=2, in_factors=(2, 5), out_factors=(3, 4), dtype=F64)
+    R = op.core0.detach()[:, 0]  # (a, c, b, s)
+    L = op.core1.detach()[..., 0]  # (c, s, d, a)
+    W = torch.einsum("acbs,csda->cdab", R, L).reshape(12, 10)
+    torch.testing.assert_close(op.dense(), W)
+
+
+def test_btt2_cost_small_case():
+    # BTT(64, 64, ranks=2), factors (8, 8): x[z,a,b]·R[a,c,b,s] sums b over (a,b,c,s) = 8*8*8*2 -> 2048 flops,
+    # then ·L[c,s,d,a] sums (a, s) over (a,c,s,d) = 2048 -> 2048 flops: 4096 = 2 * num_params at batch 1
+    op = sm.BTT(64, 64, ranks=2)
+    assert op.cost(1).flops == 4096 == 2 * op.num_params
+
+
+# -- BTT with three cores -----------------------------------------------------------------------------------------
+@given(st.lists(st.integers(1, 3), min_size=3, max_size=3), st.lists(st.integers(1, 3), min_size=3, max_size=3),
+       st.lists(st.integers(1, 3), min_size=2, max_size=2))
+def test_btt3_facts(fin, fout, ranks):
+    m, n = math.prod(fout), math.prod(fin)
+    op = sm.BTT(m, n, ranks=ranks, in_factors=fin, out_factors=fout, dtype=F64)
+    (i0, i1, i2), (o0, o1, o2), (r1, r2) = fin, fout, ranks
+    # core k: [o_0..o_{k-1}, i_0..i_{N-k-2}, r_k, o_k, i_{N-1-k}, r_{k+1}]
+    assert op.num_params == i0 * i1 * o0 * i2 * r1 + o0 * i0 * r1 * o1 * i1 * r2 + o0 * o1 * r2 * o2 * i0
+    r = op.rank()
+    assert not r.exact and min(m, n) >= r.bound >= true_rank(op)
+    check_dense_and_transpose(op)
+
+
+def test_btt3_cost_small_case():
+    # BTT(8, 8, ranks=2), factors (2, 2, 2): each core meets the running tensor on all its labels, so each step costs
+    # 2 * batch * numel(core): cores of 2*2*2*2*2 = 32, 2*2*2*2*2*2 = 64 and 32 elements -> 2 * (32 + 64 + 32) = 256
+    op = sm.BTT(8, 8, ranks=2, in_factors=(2, 2, 2), out_factors=(2, 2, 2))
+    assert op.cost(1).flops == 256 == opt_einsum_optimal(op.cost(1))
+
+
+# -- Monarch ------------------------------------------------------------------------------------------------------
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), batches)
+def test_monarch_facts(nblocks, p, q, batch):
+    m, n = nblocks * p, nblocks * q
+    op = sm.Monarch(m, n, nblocks, dtype=F64)
+    assert op.num_params == nblocks * (m + n)
+    # the BTT cut with input (nblocks, q), output (nblocks, p), bond 1: an nblocks x nblocks grid of rank-1 blocks
+    check_rank(op, min(m, n, nblocks * nblocks), True)
+    if p >= 2 and q >= 2:  # see the note above test_btt2_facts
+        hand = min(2 * batch * nblocks * (m + n), 4 * batch * m * n, 2 * m * n + 2 * batch * m * n)
+        assert op.cost(batch).flops == hand == btt2_cost(nblocks, q, nblocks, p, 1, batch)
+        assert op.cost(batch).flops == opt_einsum_optimal(op.cost(batch))
+    check_dense_and_transpose(op)
+
+
+@pytest.mark.parametrize("m, n, nblocks", [(12, 20, 4), (12, 20, 2), (8, 12, 2), (6, 9, 3), (16, 16, 8), (7, 14, 7)])
+def test_monarch_rectangular_any_nblocks(m, n, nblocks):
+    op = sm.Monarch(m, n, nblocks, dtype=F64)
+    assert op.num_params == nblocks * (m + n)
+    check_rank(op, min(m, n, nblocks**2), True)
+    check_dense_and_transpose(op)
+
+
+def test_monarch_cost_small_case():
+    # Monarch(12, 20, 4) at batch 3: x[z,a,b]·R[a,c,b] over (z,a,b,c) = 3*4*5*4 = 240 -> 480;
+    # then ·L[c,d,a] over (z,a,c,d) = 3*4*4*3 = 144 -> 288; total 768 = 2 * 3 * 4 * (12 + 20)
+    op = sm.Monarch(12, 20, 4)
+    assert op.cost(3).flops == 768 == opt_einsum_optimal(op.cost(3))
+
+
+# -- TT -----------------------------------------------------------------------------------------------------------
+def tt_cut(fin: tuple[int, ...], fout: tuple[int, ...], ranks: tuple[int, ...]) -> int:
+    """Minimal cut of the chain by hand: each core sits on the input side (its o_k is cut) or the output side (its i_k
+    is cut), and a bond between cores on different sides is cut too."""
+    best = math.inf
+    for sides in itertools.product((0, 1), repeat=len(fin)):
+        size = math.prod(fout[k] if side == 0 else fin[k] for k, side in enumerate(sides))
+        size *= math.prod(r for k, r in enumerate(ranks) if sides[k] != sides[k + 1])
+        best = min(best, size)
+    return int(best)
+
+
+@given(st.integers(2, 3), st.data())
+def test_tt_facts(cores, data):
+    fin = tuple(data.draw(st.lists(st.integers(1, 3), min_size=cores, max_size=cores), label="in_factors"))
+    fout = tuple(data.draw(st.lists(st.integers(1, 3), min_size=cores, max_size=cores), label="out_factors"))
+    ranks = tuple(data.draw(st.lists(st.integers(1, 3), min_size=cores - 1, max_size=cores - 1), label="ranks"))
+    m, n = math.prod(fout), math.prod(fin)
+    op = sm.TT(m, n, ranks=ranks, in_factors=fin, out_factors=fout, dtype=F64)
+    bonds = (1, *ranks, 1)
+    assert op.num_params == sum(bonds[k] * fout[k] * fin[k] * bonds[k + 1] for k in range(cores))
+    check_rank(op, tt_cut(fin, fout, ranks), True)  # a chain is a tree: the cut is the generic rank
+    check_dense_and_transpose(op)
+
+
+def test_tt_cost_small_case():
+    # TT(27, 8, ranks=2), in (2, 2, 2), out (3, 3, 3), batch 1, from either end of the chain:
+    # x·G3 over (i1,i2,i3,r2,o3) = 8*2*3 = 48 -> 96; ·G2 over (i1,i2,r2,o3,r1,o2) = 2*2*2*3*2*3 = 144 -> 288;
+    # ·G1 over (i1,o3,r1,o2,o1) = 2*3*2*3*3 = 108 -> 216; total 600
+    op = sm.TT(27, 8, ranks=2, in_factors=(2, 2, 2), out_factors=(3, 3, 3))
+    assert op.cost(1).flops == 600 == opt_einsum_optimal(op.cost(1))
+
+
+# -- Kronecker.from_sizes -----------------------------------------------------------------------------------------
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4)), min_size=2, max_size=3), batches)
+def test_kronecker_from_sizes_facts(sizes, batch):
+    op = sm.Kronecker.from_sizes(*sizes, dtype=F64)
+    assert op.shape == (math.prod(a for a, _ in sizes), math.prod(b for _, b in sizes))
+    assert op.num_params == sum(a * b for a, b in sizes)
+    check_rank(op, math.prod(min(a, b) for a, b in sizes), True)  # ranks multiply
+    if len(sizes) == 2:
+        (m1, n1), (m2, n2) = sizes
+        hand = min(
+            2 * batch * n1 * n2 * m2 + 2 * batch * n1 * m2 * m1,  # x·B then A
+            2 * batch * n1 * n2 * m1 + 2 * batch * n2 * m1 * m2,  # x·A then B
+            m1 * n1 * m2 * n2 + 2 * batch * m1 * m2 * n1 * n2,  # A⊗B (outer product) then x
+        )
+        assert op.cost(batch).flops == hand == opt_einsum_optimal(op.cost(batch))
+    check_dense_and_transpose(op)
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.data())
+def test_kronecker_of_lowranks_multiplies_ranks(m1, n1, m2, n2, data):
+    r1 = data.draw(st.integers(1, min(m1, n1)))
+    r2 = data.draw(st.integers(1, min(m2, n2)))
+    op = sm.kron(sm.LowRank(m1, n1, r1, dtype=F64), sm.LowRank(m2, n2, r2, dtype=F64))
+    check_rank(op, r1 * r2, True)
+    check_dense_and_transpose(op)
+
+
+# -- BlockDiagonal.from_sizes and block-diagonals of families -----------------------------------------------------
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), batches)
+def test_block_diagonal_from_sizes_facts(k, p, q, batch):
+    op = sm.BlockDiagonal.from_sizes(k * p, k * q, k, dtype=F64)
+    assert op.num_params == k * p * q
+    check_rank(op, k * min(p, q), True)  # ranks add
+    assert op.cost(batch).flops == 2 * batch * k * p * q == opt_einsum_optimal(op.cost(batch))  # x[z,k,i] W[k,o,i]
+    check_dense_and_transpose(op)
+
+
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=3))
+def test_block_diagonal_of_lowranks_adds_ranks(specs):
+    blocks = [sm.LowRank(m, n, min(r, m, n), dtype=F64) for m, n, r in specs]
+    op = sm.block_diag(*blocks)
+    check_rank(op, sum(min(r, m, n) for m, n, r in specs), True)
+    assert op.num_params == sum(b.num_params for b in blocks)
+    check_dense_and_transpose(op)
+
+
+# -- MLR ----------------------------------------------------------------------------------------------------------
+@st.composite
+def mlr_equal(draw):
+    """Nested equal levels: each level's number of blocks divides the next one's."""
+    counts = [draw(st.sampled_from([1, 2]))]
+    for _ in range(draw(st.integers(0, 2))):
+        counts.append(counts[-1] * draw(st.integers(1, 3)))
+    p, q = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    m, n = counts[-1] * p, counts[-1] * q
+    ranks = [draw(st.integers(1, min(m // c, n // c)), label="rank") for c in counts]
+    return m, n, ranks, counts
+
+
+def level_cost(m: int, n: int, k: int, r: int, batch: int) -> int:
+    """One level of k blocks (p, q) = (m/k, n/k) of rank r, x[z,k,i] U[k,o,r] V[k,r,i]."""
+    p, q = m // k, n // k
+    return min(
+        2 * batch * k * r * (p + q),  # x·V then U
+        2 * k * p * r * q + 2 * batch * k * p * q,  # U·V then x
+        3 * batch * k * p * q * r,  # x·U (nothing summed) then V
+    )
+
+
+@given(mlr_equal(), batches)
+def test_mlr_equal_blocks_facts(spec, batch):
+    m, n, ranks, counts = spec
+    op = sm.MLR(m, n, ranks=ranks, blocks=counts, dtype=F64)
+    assert op.blocks == tuple(((m // c, n // c),) * c for c in counts)
+    assert op.num_params == sum(ranks) * (m + n)  # every level's blocks tile the rows and the columns once
+    check_rank(op, min(m, n, sum(c * r for c, r in zip(counts, ranks))), len(ranks) == 1)
+    # one network per level, plus (levels - 1) * batch * m additions
+    assert len(op.cost(batch).contractions) == len(ranks)
+    hand = sum(level_cost(m, n, c, r, batch) for c, r in zip(counts, ranks)) + (len(ranks) - 1) * batch * m
+    assert op.cost(batch).flops == hand
+    assert op.cost(batch).flops - (len(ranks) - 1) * batch * m == opt_einsum_optimal(op.cost(batch))
+    check_dense_and_transpose(op)
+
+
+def split(draw, rows: int, cols: int) -> list[tuple[int, int]]:
+    """A contiguous partition of a (rows, cols) block into 1 or 2 blocks of positive sizes."""
+    if min(rows, cols) < 2 or not draw(st.booleans()):
+        return [(rows, cols)]
+    r, c = draw(st.integers(1, rows - 1)), draw(st.integers(1, cols - 1))
+    return [(r, c), (rows - r, cols - c)]
+
+
+@st.composite
+def mlr_unequal(draw):
+    m, n = draw(st.integers(2, 9)), draw(st.integers(2, 9))
+    levels = [[(m, n)]]
+    for _ in range(draw(st.integers(1, 2))):
+        levels.append([blk for rows, cols in levels[-1] for blk in split(draw, rows, cols)])
+    ranks = [draw(st.integers(1, min(min(b) for b in level)), label="rank") for level in levels]
+    return m, n, ranks, levels
+
+
+@given(mlr_unequal())
+def test_mlr_unequal_blocks_facts(spec):
+    m, n, ranks, levels = spec
+    op = sm.MLR(m, n, ranks=ranks, blocks=levels, dtype=F64)
+    assert op.blocks == tuple(tuple(level) for level in levels)
+    assert op.num_params == sum(ranks) * (m + n)
+    check_rank(op, min(m, n, sum(len(level) * r for level, r in zip(levels, ranks))), False)
+    check_dense_and_transpose(op)
+
+
+def test_mlr_small_cases():
+    op = sm.MLR(64, 64, ranks=[4, 2], blocks=[1, 4])
+    assert op.name == "MLR(64, 64, ranks=[4, 2], blocks=[1, 4])"
+    assert op.rank() == sm.Rank(12, False)  # min(64, 64, 1*4 + 4*2)
+    assert op.num_params == 768  # 4 * 128 + 4 blocks * 2 * (16 + 16)
+    # level 0: x·V 2*4*64 + ·U 2*4*64 = 1024; level 1: 4 blocks * (2*2*16 + 2*2*16) = 512; 64 additions
+    assert op.cost(1).flops == 1600
+    unequal = sm.MLR(10, 8, ranks=[2, 1], blocks=[1, [(4, 3), (6, 5)]])
+    # level 0: 2*2*8 + 2*2*10 = 72; level 1: (2*3 + 2*4) + (2*5 + 2*6) = 36 (disjoint slices, no additions);
+    # one sum of two levels: 10 additions
+    assert unequal.cost(1).flops == 72 + 36 + 10
+    assert unequal.rank() == sm.Rank(4, False)
+    assert unequal.num_params == 2 * 18 + (7 + 11)
+
+
+def test_mlr_default_blocks_double():
+    op = sm.MLR(16, 8, ranks=[2, 2, 1])
+    assert op.nblocks == (1, 2, 4)
+    assert op.blocks[2] == ((4, 2),) * 4
+
+
+def test_mlr_lowers_to_one_network_per_level():
+    op = sm.MLR(24, 12, ranks=[3, 2, 1], blocks=[1, 2, 6], dtype=F64)
+    assert len(op._node.networks()) == 3
+    assert [type(level).__name__ for level in op.levels] == ["LowRank", "BlockDiagonal", "BlockDiagonal"]
+
+
+# -- MultiLevel ---------------------------------------------------------------------------------------------------
+def test_multilevel_mixed_families():
+    op = sm.MultiLevel(
+        12, 8,
+        [sm.Level(sm.LowRank, rank=2), sm.Level(sm.BTT, blocks=2, ranks=1),
+         sm.Level(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)])],
+        dtype=F64,
+    )
+    assert op.name == "MultiLevel(12, 8, blocks=[1, 2, [(2, 1), (4, 3), (3, 2), (3, 2)]])"
+    assert op.nblocks == (1, 2, 4)
+    # LowRank 2*(12+8) = 40; two BTT(6, 4) blocks, factors (2, 3) x (2, 2), bond 1: 2 * (2*2*2 + 2*3*2) = 40;
+    # dense blocks 2 + 12 + 6 + 6 = 26
+    assert op.num_params == 40 + 40 + 26
+    # 2 + (2 blocks * min(6, 4, 2*2*1) = 8) + (1 + 3 + 2 + 2 = 8) = 18 -> min(12, 8, 18)
+    assert op.rank() == sm.Rank(8, False)
+    # batch 1: LowRank 2*2*(12+8) = 80; BTT level 2 * num_params = 80; dense blocks 2 * 26 = 52; 2 * 12 additions
+    assert op.cost(1).flops == 80 + 80 + 52 + 24
+    check_dense_and_transpose(op)
+    gradcheck(op)
+
+
+def test_multilevel_of_built_operators_shares_parameters():
+    K = sm.Kronecker.from_sizes((3, 3), (4, 4), dtype=F64)
+    B = sm.BlockDiagonal(sm.Monarch(4, 4, 2, heads=3, dtype=F64))
+    op = sm.MultiLevel(12, 12, [K, B])
+    assert op.blocks == (((12, 12),), ((4, 4),) * 3)
+    assert op.levels[0] is K and op.num_params == K.num_params + B.num_params
+    torch.testing.assert_close(op.dense(), K.dense() + B.dense())
+    with torch.no_grad():
+        K.parts[0].weight.mul_(2.0)
+    torch.testing.assert_close(op.dense(), K.dense() + B.dense())
+
+
+def tensor_network_family(spec: str, **sizes: int):
+    """A Level family whose blocks are one tensor contraction given by ``spec``: the paper's "block tensor
+    contraction". ``rows``/``cols`` name the labels whose sizes follow each block's shape."""
+
+    def family(rows: int, cols: int, *, heads=None, dtype=None, device=None, out="o", inp="i") -> sm.TensorNetwork:
+        return sm.TensorNetwork(spec, sizes={**sizes, out: rows, inp: cols}, heads=heads, dtype=dtype, device=device)
+
+    return family
+
+
+def test_lowrank_is_a_multilevel():
+    A = sm.LowRank(7, 5, rank=2, dtype=F64)
+    M = sm.MultiLevel(7, 5, [sm.Level(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=2))], dtype=F64)
+    with torch.no_grad():
+        M.levels[0].U.copy_(A.U)
+        M.levels[0].V.copy_(A.V)
+    torch.testing.assert_close(M.dense(), A.dense())
+    assert M.rank() == A.rank() and M.num_params == A.num_params and M.cost(3).flops == A.cost(3).flops
+
+
+def test_btt_is_a_multilevel():
+    A = sm.BTT(12, 10, ranks=2, in_factors=(2, 5), out_factors=(3, 4), dtype=F64)
+    block = sm.TensorNetwork("y[c,d] = R[a,c,b,s] L[c,s,d,a] x[a,b]", sizes=dict(a=2, b=5, c=3, d=4, s=2), dtype=F64)
+    M = sm.MultiLevel(12, 10, [block])
+    with torch.no_grad():
+        block.R.copy_(A.core0[:, 0])  # (a, 1, c, b, s)
+        block.L.copy_(A.core1[..., 0])  # (c, s, d, a, 1)
+    torch.testing.assert_close(M.dense(), A.dense())
+    # the same cut; a generic TensorNetwork that is not a tree does not claim exactness, the BTT family proves it
+    assert M.rank().bound == A.rank().bound and M.cost(2).flops == A.cost(2).flops
+
+
+def test_monarch_is_a_multilevel():
+    A = sm.Monarch(8, 12, nblocks=2, dtype=F64)
+    block = sm.TensorNetwork("y[c,d] = R[a,c,b] L[c,d,a] x[a,b]", sizes=dict(a=2, b=6, c=2, d=4), dtype=F64)
+    M = sm.MultiLevel(8, 12, [block])
+    with torch.no_grad():
+        block.R.copy_(A.core0[:, 0, :, :, 0])
+        block.L.copy_(A.core1[:, 0, :, :, 0])
+    torch.testing.assert_close(M.dense(), A.dense())
+    assert M.rank().bound == A.rank().bound and M.cost(2).flops == A.cost(2).flops
+
+
+def test_kronecker_is_a_multilevel():
+    A = sm.Kronecker.from_sizes((3, 2), (2, 5), dtype=F64)
+    block = sm.TensorNetwork("y[a,c] = P[a,b] Q[c,d] x[b,d]", sizes=dict(a=3, b=2, c=2, d=5), dtype=F64)
+    M = sm.MultiLevel(6, 10, [block])
+    with torch.no_grad():
+        block.P.copy_(A.parts[0].weight)
+        block.Q.copy_(A.parts[1].weight)
+    torch.testing.assert_close(M.dense(), A.dense())
+    assert M.rank() == A.rank() and M.cost(4).flops == A.cost(4).flops
+
+
+@pytest.mark.parametrize("heads", [None, 3])
+def test_mlr_is_a_multilevel(heads):
+    A = sm.MLR(12, 8, ranks=[2, 1, 1], blocks=[1, 2, 4], heads=heads, dtype=F64)
+    # the same levels with every block one tensor contraction; parameters named U, V like LowRank's
+    M = sm.MultiLevel(
+        12, 8,
+        [sm.Level(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=r), blocks=b)
+         for r, b in [(2, 1), (1, 2), (1, 4)]],
+        heads=heads, dtype=F64,
+    )
+    M.load_state_dict(A.state_dict())
+    torch.testing.assert_close(M.dense(), A.dense())
+    # and from the LowRank family itself
+    N = sm.MultiLevel(12, 8, [sm.Level(sm.LowRank, blocks=b, rank=r) for r, b in [(2, 1), (1, 2), (1, 4)]],
+                      heads=heads, dtype=F64)
+    N.load_state_dict(A.state_dict())
+    torch.testing.assert_close(N.dense(), A.dense())
+    assert N.rank() == A.rank() and N.cost(3).flops == A.cost(3).flops and N.num_params == A.num_params
+
+
+def test_mlr_unequal_is_a_multilevel_of_its_levels():
+    A = sm.MLR(9, 7, ranks=[2, 1], blocks=[1, [(4, 3), (5, 4)]], dtype=F64)
+    M = sm.MultiLevel(9, 7, list(A.levels))
+    assert M.blocks == A.blocks
+    torch.testing.assert_close(M.dense(), A.dense())
+
+
+# -- gradcheck, every family --------------------------------------------------------------------------------------
+FAMILIES = {
+    "lowrank": lambda: sm.LowRank(5, 4, 2, dtype=F64),
+    "btt2": lambda: sm.BTT(6, 4, ranks=2, dtype=F64),
+    "btt3": lambda: sm.BTT(8, 12, ranks=[2, 1], in_factors=(2, 3, 2), out_factors=(2, 2, 2), dtype=F64),
+    "monarch": lambda: sm.Monarch(6, 4, 2, dtype=F64),
+    "tt": lambda: sm.TT(6, 8, ranks=2, in_factors=(2, 2, 2), out_factors=(1, 2, 3), dtype=F64),
+    "mlr": lambda: sm.MLR(8, 4, ranks=[2, 1], blocks=[1, 2], dtype=F64),
+    "mlr_unequal": lambda: sm.MLR(5, 4, ranks=[1, 1], blocks=[1, [(2, 1), (3, 3)]], dtype=F64),
+    "multilevel": lambda: sm.MultiLevel(
+        6, 4, [sm.Level(sm.Monarch, nblocks=2), sm.Level(sm.Dense, blocks=2)], dtype=F64
+    ),
+    "kron_from_sizes": lambda: sm.Kronecker.from_sizes((2, 3), (3, 2), dtype=F64),
+    "block_diag_from_sizes": lambda: sm.BlockDiagonal.from_sizes(6, 4, 2, dtype=F64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_gradcheck(name):
+    torch.manual_seed(0)
+    op = FAMILIES[name]()
+    gradcheck(op)
+    gradcheck(op.T)
+    check_dense_and_transpose(op)
+
+
+# -- validation errors --------------------------------------------------------------------------------------------
+def _bad_family(rows, cols, **kwargs):
+    return sm.Dense(3, 3, **kwargs)
+
+
+ERRORS = [
+    # LowRank
+    (lambda: sm.LowRank(5, 4, rank=0), ValueError, r"LowRank\(5, 4, rank=0\): rank must be >= 1, got 0"),
+    (lambda: sm.LowRank(5, 4, rank=5), ValueError, r"LowRank\(5, 4, rank=5\): rank must be <= min\(m, n\) = 4, got 5"),
+    # BTT
+    (lambda: sm.BTT(12, 10, ranks=2, in_factors=(3, 3)), ValueError, r"in_factors=\[3, 3\] multiply to 9, not 10"),
+    (lambda: sm.BTT(12, 10, ranks=2, out_factors=(5, 2)), ValueError, r"out_factors=\[5, 2\] multiply to 10, not 12"),
+    (lambda: sm.BTT(12, 10, ranks=0), ValueError, r"BlockTensorTrain\(12, 10, ranks=0\): ranks must be >= 1, got 0"),
+    (lambda: sm.BTT(8, 8, ranks=[2, 0], in_factors=(2, 2, 2), out_factors=(2, 2, 2)), ValueError,
+     r"ranks\[1\] must be >= 1, got 0"),
+    (lambda: sm.BTT(8, 8, ranks=[1, 2], in_factors=(2, 4), out_factors=(2, 4)), ValueError,
+     r"ranks=\[1, 2\] must hold 1 bond rank\(s\), got 2"),
+    (lambda: sm.BTT(8, 8, ranks=1, in_factors=(2, 4), out_factors=(2, 2, 2)), ValueError, r"must have the same length"),
+    (lambda: sm.BTT(8, 8, ranks=1, in_factors=(8,)), ValueError, r"needs at least 2 cores, got factors for 1"),
+    # Monarch
+    (lambda: sm.Monarch(12, 20, nblocks=3), ValueError,
+     r"Monarch\(12, 20, nblocks=3\): nblocks must divide m=12 and n=20"),
+    (lambda: sm.Monarch(12, 20, nblocks=0), ValueError, r"nblocks must be >= 1, got 0"),
+    # TT
+    (lambda: sm.TT(12, 8, ranks=2, in_factors=(2, 2), out_factors=(3, 4)), ValueError,
+     r"in_factors=\[2, 2\] multiply to 4, not 8"),
+    (lambda: sm.TT(12, 8, ranks=-1), ValueError, r"TensorTrain\(12, 8, ranks=-1\): ranks must be >= 1, got -1"),
+    (lambda: sm.TT(8, 8, ranks=[2, 2], in_factors=(2, 4), out_factors=(4, 2)), ValueError,
+     r"ranks=\[2, 2\] must hold 1 bond rank\(s\), got 2"),
+    # Kronecker.from_sizes, BlockDiagonal.from_sizes
+    (lambda: sm.Kronecker.from_sizes((3, 4), 5), ValueError, r"each size must be an \(m, n\) pair, got 5"),
+    (lambda: sm.Kronecker.from_sizes((3, 0), (2, 2)), ValueError, r"n \(columns\) must be >= 1, got 0"),
+    (lambda: sm.BlockDiagonal.from_sizes(12, 20, 3), ValueError,
+     r"BlockDiagonal.from_sizes\(12, 20, nblocks=3\): nblocks must divide m=12 and n=20"),
+    (lambda: sm.BlockDiagonal.from_sizes(12, 20, 0), ValueError, r"nblocks must be a positive int, got 0"),
+    # MLR
+    (lambda: sm.MLR(12, 8, ranks=[2, 0], blocks=[1, 2]), ValueError,
+     r"MLR\(12, 8, ranks=\[2, 0\], blocks=\[1, 2\]\): ranks\[1\] must be >= 1, got 0"),
+    (lambda: sm.MLR(12, 8, ranks=[2, 1], blocks=[1, 2, 4]), ValueError,
+     r"ranks has 2 entries but blocks has 3 levels; give one rank per level"),
+    (lambda: sm.MLR(12, 8, ranks=[2, 1], blocks=[1, 3]), ValueError, r"blocks\[1\]=3 must divide m=12 and n=8"),
+    (lambda: sm.MLR(12, 8, ranks=[2, 3], blocks=[1, 4]), ValueError,
+     r"ranks\[1\]=3 is larger than block 0 of level 1, of \(rows, cols\)=\(3, 2\); .* at most min\(rows, cols\) = 2"),
+    (lambda: sm.MLR(12, 12, ranks=[1, 1], blocks=[2, 3]), ValueError,
+     r"levels are not nested: block 1 of level 1 \(rows 4:8, columns 4:8\) does not lie inside one block of level 0 "
+     r"\(blocks\[0\]=2 must divide blocks\[1\]=3\)"),
+    (lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[[(4, 3), (5, 4)], [(5, 4), (4, 3)]]), ValueError,
+     r"levels are not nested: block 0 of level 1 \(rows 0:5, columns 0:4\)"),
+    (lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[1, [(4, 3), (4, 4)]]), ValueError,
+     r"the blocks of level 1 cover \(rows, cols\)=\(8, 7\), not \(m, n\)=\(9, 7\)"),
+    (lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[1, [(4, 3, 1), (5, 4)]]), TypeError,
+     r"blocks\[1\]\[0\] must be a \(rows, cols\) pair"),
+    (lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[1, [(4, 3), (5, 4)]], heads=2), ValueError,
+     r"level 1 has unequal blocks \[\(4, 3\), \(5, 4\)\]; a stack of heads=2 needs equal blocks"),
+    (lambda: sm.MLR(9, 7, ranks=3), TypeError, r"ranks must be a non-empty list of ints, one per level, got 3"),
+    (lambda: sm.MLR(0, 7, ranks=[1]), ValueError, r"m must be >= 1, got 0"),
+    # MultiLevel
+    (lambda: sm.MultiLevel(12, 8, []), ValueError, r"MultiLevel\(12, 8\): needs at least one level, got none"),
+    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8), sm.Dense(8, 12)]), ValueError,
+     r"levels\[1\] is Dense\(8, 12\); every level must have shape \(12, 8\)"),
+    (lambda: sm.MultiLevel(12, 8, [sm.Level(sm.Dense, blocks=2), sm.Level(sm.Dense, blocks=3)]), ValueError,
+     r"blocks\[1\]=3 must divide m=12 and n=8"),
+    (lambda: sm.MultiLevel(12, 12, [sm.Level(sm.Dense, blocks=2), sm.Level(sm.Dense, blocks=3)]), ValueError,
+     r"levels are not nested: block 1 of level 1"),
+    (lambda: sm.MultiLevel(12, 8, [sm.Level(sm.Dense), sm.Level(sm.LowRank, blocks=2, rank=9)]), ValueError,
+     r"MultiLevel\(12, 8\): level 1: LowRank\(6, 4, rank=9\): rank must be <= min\(m, n\) = 4, got 9"),
+    (lambda: sm.MultiLevel(12, 8, [sm.Level(sm.BTT, blocks=2, ranks=1, in_factors=(3, 3))]), ValueError,
+     r"MultiLevel\(12, 8\): level 0: .*in_factors=\[3, 3\] multiply to 9, not 4"),
+    (lambda: sm.MultiLevel(12, 8, [sm.Level(_bad_family)]), ValueError,
+     r"level 0: family returned Dense\(3, 3\), expected shape \(12, 8\)"),
+    (lambda: sm.MultiLevel(12, 8, [sm.Level(lambda r, c: "dense")]), TypeError, r"level 0: family returned str"),
+    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.Dense(12, 8)]), ValueError,
+     r"the levels must all be stacks of the same number of heads, got Dense\(12, 8, heads=2\), Dense\(12, 8\)"),
+    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.Level(sm.Dense)], heads=3), ValueError,
+     r"levels\[0\] is Dense\(12, 8, heads=2\), but every level must be a stack of heads=3"),
+    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8)], heads=2), ValueError,
+     r"levels\[0\] is Dense\(12, 8\), but every level must be a stack of heads=2"),
+    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8), 3]), TypeError,
+     r"levels\[1\] must be a Level or a LinearOperator, got int"),
+    (lambda: sm.MultiLevel(12, 8, sm.Dense(12, 8)), TypeError, r"levels must be a list of Level recipes or operators"),
+    (lambda: sm.MultiLevel(4, 4, [sm.Dense(4, 4, dtype=torch.float32), sm.Dense(4, 4, dtype=F64)]), TypeError,
+     r"operators have different dtypes"),
+    (lambda: sm.Level(5), TypeError, r"Level: family must be an operator class or a callable, got int"),
+]
+
+
+@pytest.mark.parametrize("make, kind, match", ERRORS, ids=[f"{i}" for i in range(len(ERRORS))])
+def test_validation_errors(make, kind, match):
+    with pytest.raises(kind, match=match):
+        make()
+
+
+# -- core bugs found while writing these tests (they fail until the core is fixed) --------------------------------
+def test_network_with_many_factors_and_a_singly_used_label_runs():
+    """A network of 7+ operands is planned with opt_einsum's 'dp', whose path has single-operand steps for labels
+    that only one factor holds (here BTT's size-1 end bonds); NetNode flattens the path as if it were all pairs and
+    torch.einsum rejects it."""
+    A = sm.BTT(8, 8, ranks=2, in_factors=(2, 2, 2), out_factors=(2, 2, 2), dtype=F64)
+    torch.testing.assert_close((A.T @ A).dense(), reference_dense(A).T @ reference_dense(A))
