@@ -104,19 +104,28 @@ class LinearOperator(torch.nn.Module):
         yield from self.parameters()
         yield from self.buffers()
 
+    def _first_tensor(self) -> torch.Tensor | None:
+        """One parameter, found through the first factor of the lowered networks (cheaper than walking parameters()
+        on every call); every parameter of an operator is a factor of one of its networks."""
+        probe = self.__dict__.get("_probe")
+        if probe is None:
+            factors = [fa for net in self._node.networks() for fa in net.factors]
+            probe = self.__dict__["_probe"] = (factors[0].owner, factors[0].name) if factors else ()
+        if probe:
+            return getattr(probe[0], probe[1])
+        return next(iter(self._tensors()), None)
+
     @property
     def dtype(self) -> torch.dtype | None:
         """dtype of the parameters (None for an operator with none, such as ``Identity``)."""
-        for t in self._tensors():
-            return t.dtype
-        return None
+        t = self._first_tensor()
+        return t.dtype if t is not None else None
 
     @property
     def device(self) -> torch.device:
         """Device of the parameters (cpu for an operator with none)."""
-        for t in self._tensors():
-            return t.device
-        return torch.device("cpu")
+        t = self._first_tensor()
+        return t.device if t is not None else torch.device("cpu")
 
     @property
     def num_params(self) -> int:
@@ -130,11 +139,13 @@ class LinearOperator(torch.nn.Module):
         n = self._shape[1]
         if x.ndim == 0 or x.shape[-1] != n:
             raise ValueError(f"{self.name}: {what} must have shape (..., {n}), got {tuple(x.shape)}")
-        dtype = self.dtype
-        if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{self.name}: {what} has dtype {x.dtype} but the operator's parameters are {dtype}")
-        if dtype is not None and x.device != self.device:
-            raise ValueError(f"{self.name}: {what} is on {x.device} but the operator's parameters are on {self.device}")
+        t = self._first_tensor()
+        if t is None:
+            return
+        if x.dtype != t.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{self.name}: {what} has dtype {x.dtype} but the operator's parameters are {t.dtype}")
+        if x.device != t.device:
+            raise ValueError(f"{self.name}: {what} is on {x.device} but the operator's parameters are on {t.device}")
 
     def forward(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         """Apply to the last dim: ``(..., n) -> (..., m)``.
