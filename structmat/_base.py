@@ -96,9 +96,16 @@ class LinearOperator(torch.nn.Module):
 
     @property
     def name(self) -> str:
-        """Short name for messages, e.g. ``Dense(5, 3)`` or ``LowRank(5, 3, heads=4)``."""
-        stack = f", heads={self._heads}" if self._heads is not None else ""
-        return f"{type(self).__name__}({self._shape[0]}, {self._shape[1]}{stack})"
+        """Short name for messages, e.g. ``Dense(5, 3)`` or ``LowRank(5, 3, rank=2, heads=4)``."""
+        kind, extra = self._describe()
+        args = [str(self._shape[0]), str(self._shape[1]), *([extra] if extra else [])]
+        if self._heads is not None:
+            args.append(f"heads={self._heads}")
+        return f"{kind}({', '.join(args)})"
+
+    def _describe(self) -> tuple[str, str]:
+        """The name of the kind and its structural arguments beyond the shape, for :attr:`name`."""
+        return type(self).__name__, ""
 
     def _tensors(self) -> Iterable[torch.Tensor]:
         yield from self.parameters()

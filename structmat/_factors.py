@@ -6,7 +6,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
-__all__ = ["balanced_factors", "check_factors", "check_ranks", "check_int"]
+__all__ = ["balanced_factors", "check_factors", "check_ranks", "check_int", "check_train"]
 
 
 def check_int(owner: str, what: str, value: object, minimum: int = 1) -> int:
@@ -52,3 +52,24 @@ def check_ranks(owner: str, ranks: int | Sequence[int], count: int) -> tuple[int
     if len(out) != count:
         raise ValueError(f"{owner}: ranks={list(out)} must hold {count} bond rank(s), got {len(out)}")
     return out
+
+
+def check_train(
+    where: str,
+    m: object,
+    n: object,
+    ranks: int | Sequence[int],
+    in_factors: Sequence[int] | None,
+    out_factors: Sequence[int] | None,
+) -> tuple[int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Validate a train of N >= 2 cores (BTT, TT): ``(m, n, in_factors, out_factors, bond ranks)``."""
+    m = check_int(where, "m", m)
+    n = check_int(where, "n", n)
+    parts = len(in_factors) if in_factors is not None else len(out_factors) if out_factors is not None else 2
+    if parts < 2:
+        raise ValueError(f"{where}: needs at least 2 cores, got factors for {parts}")
+    fin = check_factors(where, "in_factors", n, in_factors, parts)
+    fout = check_factors(where, "out_factors", m, out_factors, parts)
+    if len(fin) != len(fout):
+        raise ValueError(f"{where}: in_factors={list(fin)} and out_factors={list(fout)} must have the same length")
+    return m, n, fin, fout, check_ranks(where, ranks, parts - 1)

@@ -196,21 +196,27 @@ class Network:
         Diagonal labels are left out (they multiply the rank instead), and so is the head label (the bound is per
         head). Returns ``(product, labels cut)``.
         """
-        diag = self._per_head()
+        edges = self._cut_graph()
         sizes = self.sizes()
-        ins = {lab for lab, _ in self.in_modes} - diag
-        outs = {lab for lab, _ in self.out_modes} - diag
+        prod, cut, _ = _hyper_min_cut(edges, sizes)
+        return prod, cut
+
+    def _cut_graph(self) -> dict[int, set[Any]]:
+        """Each label (diagonal and head labels aside) with the nodes it joins: factor indices, "S" (the input) and
+        "T" (the output)."""
+        diag = self._per_head()
         edges: dict[int, set[Any]] = {}
         for k, fa in enumerate(self.factors):
             for lab in fa.labels:
                 if lab not in diag:
                     edges.setdefault(lab, set()).add(k)
-        for lab in ins:
-            edges.setdefault(lab, set()).add("S")
-        for lab in outs:
-            edges.setdefault(lab, set()).add("T")
-        prod, cut, _ = _hyper_min_cut(edges, sizes)
-        return prod, cut
+        for lab, _ in self.in_modes:
+            if lab not in diag:
+                edges.setdefault(lab, set()).add("S")
+        for lab, _ in self.out_modes:
+            if lab not in diag:
+                edges.setdefault(lab, set()).add("T")
+        return edges
 
     def bilinear_split(self) -> tuple[Network, Network] | None:
         """Split at the minimal cut: ``W = L^T R`` with ``R`` (the input side) and ``L`` (the output side, read from
@@ -222,19 +228,8 @@ class Network:
         """
         if not self.factors:
             return None
-        diag = self._per_head()
+        edges = self._cut_graph()
         sizes = self.sizes()
-        ins = {lab for lab, _ in self.in_modes} - diag
-        outs = {lab for lab, _ in self.out_modes} - diag
-        edges: dict[int, set[Any]] = {}
-        for k, fa in enumerate(self.factors):
-            for lab in fa.labels:
-                if lab not in diag:
-                    edges.setdefault(lab, set()).add(k)
-        for lab in ins:
-            edges.setdefault(lab, set()).add("S")
-        for lab in outs:
-            edges.setdefault(lab, set()).add("T")
         _, cut, source_side = _hyper_min_cut(edges, sizes)
         block = [lab for lab, _ in self.in_modes if lab in self.diagonal_labels()]
         feature = tuple((lab, sizes[lab]) for lab in (*block, *sorted(cut)))

@@ -24,10 +24,8 @@ class _Part(LinearOperator):
         self.source = source
         self.role = role
 
-    @property
-    def name(self) -> str:
-        stack = f", heads={self.heads}" if self.heads is not None else ""
-        return f"{self.role}({self.shape[0]}, {self.shape[1]}{stack})"
+    def _describe(self) -> tuple[str, str]:
+        return self.role, ""
 
     def _operands(self) -> tuple[LinearOperator, ...]:
         return ()

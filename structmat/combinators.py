@@ -263,10 +263,8 @@ class Scaled(LinearOperator):
     def _operands(self) -> tuple[LinearOperator, ...]:
         return (self.op,)
 
-    @property
-    def name(self) -> str:
-        stack = f", heads={self.heads}" if self.heads is not None else ""
-        return f"Scaled({self.shape[0]}, {self.shape[1]}, scale={self.scale:g}{stack})"
+    def _describe(self) -> tuple[str, str]:
+        return "Scaled", f"scale={self.scale:g}"
 
     def _lower(self) -> Node:
         return self.op._node.scaled(self.scale)

@@ -372,8 +372,7 @@ def _fit_levels(op: LinearOperator, A: torch.Tensor, opts: _Options) -> None:
     ``A`` minus the levels already fitted, as if the later ones were zero). BCD is a local method: each start ends at
     a stationary point, and the two starts stall in different places often enough to be worth the second run.
     """
-    levels = _levels(op, A)
-    assert levels is not None  # checked by the dispatch
+    levels = _levels(op, A) or []  # the dispatch only sends operators whose levels were found
     own = _snapshot(op)
     greedy_err = _bcd(levels, A, [torch.zeros_like(A) for _ in levels], math.inf, opts)
     greedy = _snapshot(op)

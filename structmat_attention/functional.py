@@ -273,8 +273,7 @@ class _AddTiles(torch.autograd.Function):
 def _tiles(lv: Level, t_q: int, t_k: int, q_offset: int, device: torch.device, dtype: torch.dtype) -> list[Tile]:
     if lv.block_size is not None:
         return [(a, b, ka, kb, None) for a, b, ka, kb in _block_ranges(lv.block_size, t_q, t_k, q_offset)]
-    w = lv.window
-    assert w is not None  # noqa: S101 - internal invariant, Level validated it
+    w = int(lv.window or 1)  # a Level without blocks that reaches here has a window
     out: list[Tile] = []
     for a in range(0, t_q, w):  # query chunks of w see keys within w of their ends: a (w, <= 3w) tile each
         b = min(a + w, t_q)

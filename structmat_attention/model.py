@@ -14,19 +14,11 @@ from typing import final
 
 import torch
 
-from .layers import KVCache
+from .layers import KVCache, _check_int
 
 __all__ = ["TransformerBlock", "GPT"]
 
 AttentionFactory = Callable[[int, int], torch.nn.Module]
-
-
-def _check_int(where: str, what: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {what} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{where}: {what} must be >= 1, got {value}")
-    return int(value)
 
 
 @final

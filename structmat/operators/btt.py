@@ -16,7 +16,7 @@ from typing import final
 import torch
 
 from .._base import LinearOperator
-from .._factors import check_factors, check_int, check_ranks
+from .._factors import check_train
 from .._family import check_heads, define_network
 from .._network import Network
 from .._nodes import NetNode, Node
@@ -96,28 +96,15 @@ class BlockTensorTrain(LinearOperator):
         device: torch.device | str | None = None,
     ) -> None:
         where = f"BlockTensorTrain({m}, {n}, ranks={ranks!r})"
-        m = check_int(where, "m", m)
-        n = check_int(where, "n", n)
-        parts = len(in_factors) if in_factors is not None else len(out_factors) if out_factors is not None else 2
-        if parts < 2:
-            raise ValueError(f"{where}: needs at least 2 cores, got factors for {parts}")
-        self_in = check_factors(where, "in_factors", n, in_factors, parts)
-        self_out = check_factors(where, "out_factors", m, out_factors, parts)
-        if len(self_in) != len(self_out):
-            raise ValueError(
-                f"{where}: in_factors={list(self_in)} and out_factors={list(self_out)} must have the same length"
-            )
-        bonds = check_ranks(where, ranks, parts - 1)
+        m, n, self_in, self_out, bonds = check_train(where, m, n, ranks, in_factors, out_factors)
         super().__init__((m, n), check_heads(where, heads))
         self.in_factors, self.out_factors, self.ranks = self_in, self_out, bonds
         self._network = btt_network(
             self, self_in, self_out, bonds, heads=heads, dtype=dtype, device=device, where=where
         )
 
-    @property
-    def name(self) -> str:
-        stack = f", heads={self.heads}" if self.heads is not None else ""
-        return f"BTT({self.shape[0]}, {self.shape[1]}, ranks={list(self.ranks)}{stack})"
+    def _describe(self) -> tuple[str, str]:
+        return "BTT", f"ranks={list(self.ranks)}"
 
     @property
     def cores(self) -> list[torch.nn.Parameter]:

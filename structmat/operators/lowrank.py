@@ -58,10 +58,8 @@ class LowRank(LinearOperator):
             heads=heads, dtype=dtype, device=device, where=where,
         )
 
-    @property
-    def name(self) -> str:
-        stack = f", heads={self.heads}" if self.heads is not None else ""
-        return f"LowRank({self.shape[0]}, {self.shape[1]}, rank={self.rank_}{stack})"
+    def _describe(self) -> tuple[str, str]:
+        return "LowRank", f"rank={self.rank_}"
 
     def _lower(self) -> Node:
         return NetNode(self._network)

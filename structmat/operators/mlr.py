@@ -112,11 +112,8 @@ class MultiLevelLowRank(LinearOperator):
         """The number of diagonal blocks of each level."""
         return tuple(len(part) for part in self.blocks)
 
-    @property
-    def name(self) -> str:
-        stack = f", heads={self.heads}" if self.heads is not None else ""
-        blocks = [_describe(part) for part in self.blocks]
-        return f"MLR({self.shape[0]}, {self.shape[1]}, ranks={list(self.ranks)}, blocks={blocks}{stack})"
+    def _describe(self) -> tuple[str, str]:
+        return "MLR", f"ranks={list(self.ranks)}, blocks={[_describe(part) for part in self.blocks]}"
 
     def _operands(self) -> tuple[LinearOperator, ...]:
         return tuple(self.levels)

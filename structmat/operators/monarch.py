@@ -62,10 +62,8 @@ class Monarch(LinearOperator):
             heads=heads, dtype=dtype, device=device, where=where,
         )
 
-    @property
-    def name(self) -> str:
-        stack = f", heads={self.heads}" if self.heads is not None else ""
-        return f"Monarch({self.shape[0]}, {self.shape[1]}, nblocks={self.nblocks}{stack})"
+    def _describe(self) -> tuple[str, str]:
+        return "Monarch", f"nblocks={self.nblocks}"
 
     def _lower(self) -> Node:
         return NetNode(self._network)

@@ -281,11 +281,8 @@ class MultiLevel(LinearOperator):
         """The number of diagonal blocks of each level."""
         return tuple(len(part) for part in self.blocks)
 
-    @property
-    def name(self) -> str:
-        stack = f", heads={self.heads}" if self.heads is not None else ""
-        blocks = [_describe(part) for part in self.blocks]
-        return f"MultiLevel({self.shape[0]}, {self.shape[1]}, blocks={blocks}{stack})"
+    def _describe(self) -> tuple[str, str]:
+        return "MultiLevel", f"blocks={[_describe(part) for part in self.blocks]}"
 
     def _operands(self) -> tuple[LinearOperator, ...]:
         return tuple(self.levels)

@@ -8,7 +8,7 @@ from typing import final
 import torch
 
 from .._base import LinearOperator
-from .._factors import check_factors, check_int, check_ranks
+from .._factors import check_train
 from .._family import check_heads, define_network
 from .._nodes import NetNode, Node
 
@@ -51,16 +51,8 @@ class TensorTrain(LinearOperator):
         device: torch.device | str | None = None,
     ) -> None:
         where = f"TensorTrain({m}, {n}, ranks={ranks!r})"
-        m = check_int(where, "m", m)
-        n = check_int(where, "n", n)
-        parts = len(in_factors) if in_factors is not None else len(out_factors) if out_factors is not None else 2
-        if parts < 2:
-            raise ValueError(f"{where}: needs at least 2 cores, got factors for {parts}")
-        fin = check_factors(where, "in_factors", n, in_factors, parts)
-        fout = check_factors(where, "out_factors", m, out_factors, parts)
-        if len(fin) != len(fout):
-            raise ValueError(f"{where}: in_factors={list(fin)} and out_factors={list(fout)} must have the same length")
-        bonds = check_ranks(where, ranks, parts - 1)
+        m, n, fin, fout, bonds = check_train(where, m, n, ranks, in_factors, out_factors)
+        parts = len(fin)
         super().__init__((m, n), check_heads(where, heads))
         self.in_factors, self.out_factors, self.ranks = fin, fout, bonds
         full = (1, *bonds, 1)
@@ -73,10 +65,8 @@ class TensorTrain(LinearOperator):
             heads=heads, dtype=dtype, device=device, where=where,
         )
 
-    @property
-    def name(self) -> str:
-        stack = f", heads={self.heads}" if self.heads is not None else ""
-        return f"TT({self.shape[0]}, {self.shape[1]}, ranks={list(self.ranks)}{stack})"
+    def _describe(self) -> tuple[str, str]:
+        return "TT", f"ranks={list(self.ranks)}"
 
     @property
     def cores(self) -> list[torch.nn.Parameter]:
