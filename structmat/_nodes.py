@@ -215,11 +215,14 @@ def _plan_of(node: NetNode, batch: int, per_head: bool) -> _Plan:
     return node._plan(batch, per_head)
 
 
-@torch._dynamo.assume_constant_result
 def _traced_plan(network: Network, in_shape: tuple[int, ...], batch: int, per_head: bool) -> tuple[str, Any]:
     """The equation and flat path, as plain constants that torch.compile can bake into the graph."""
     plan = NetNode(network)._plan(batch, per_head)
     return plan.equation, tuple(plan.path) if plan.path is not None else None
+
+
+# what torch._dynamo.assume_constant_result does, without importing torch._dynamo (~0.8 s) with structmat
+_traced_plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 Slice = tuple[int, int]
