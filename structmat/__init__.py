@@ -31,6 +31,7 @@ from .operators import (
     TensorTrain,
 )
 from .project import project
+from .expr import parse, to_expr
 from .rank import numerical_rank
 from . import init
 from .init import mup_param_groups
@@ -66,6 +67,8 @@ __all__ = [
     "kron",
     "block_diag",
     "numerical_rank",
+    "parse",
+    "to_expr",
     "project",
     "init",
     "mup_param_groups",
