@@ -354,8 +354,8 @@ def test_mlr_lowers_to_one_network_per_level():
 def test_multilevel_mixed_families():
     op = sm.MultiLevel(
         12, 8,
-        [sm.Level(sm.LowRank, rank=2), sm.Level(sm.BTT, blocks=2, ranks=1),
-         sm.Level(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)])],
+        [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.BTT, blocks=2, ranks=1),
+         sm.BlockLevel(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)])],
         dtype=F64,
     )
     assert op.name == "MultiLevel(12, 8, blocks=[1, 2, [(2, 1), (4, 3), (3, 2), (3, 2)]])"
@@ -384,7 +384,7 @@ def test_multilevel_of_built_operators_shares_parameters():
 
 
 def tensor_network_family(spec: str, **sizes: int):
-    """A Level family whose blocks are one tensor contraction given by ``spec``: the paper's "block tensor
+    """A BlockLevel family whose blocks are one tensor contraction given by ``spec``: the paper's "block tensor
     contraction". ``rows``/``cols`` name the labels whose sizes follow each block's shape."""
 
     def family(rows: int, cols: int, *, heads=None, dtype=None, device=None, out="o", inp="i") -> sm.TensorNetwork:
@@ -395,7 +395,7 @@ def tensor_network_family(spec: str, **sizes: int):
 
 def test_lowrank_is_a_multilevel():
     A = sm.LowRank(7, 5, rank=2, dtype=F64)
-    M = sm.MultiLevel(7, 5, [sm.Level(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=2))], dtype=F64)
+    M = sm.MultiLevel(7, 5, [sm.BlockLevel(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=2))], dtype=F64)
     with torch.no_grad():
         M.levels[0].U.copy_(A.U)
         M.levels[0].V.copy_(A.V)
@@ -443,14 +443,14 @@ def test_mlr_is_a_multilevel(heads):
     # the same levels with every block one tensor contraction; parameters named U, V like LowRank's
     M = sm.MultiLevel(
         12, 8,
-        [sm.Level(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=r), blocks=b)
+        [sm.BlockLevel(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=r), blocks=b)
          for r, b in [(2, 1), (1, 2), (1, 4)]],
         heads=heads, dtype=F64,
     )
     M.load_state_dict(A.state_dict())
     torch.testing.assert_close(M.dense(), A.dense())
     # and from the LowRank family itself
-    N = sm.MultiLevel(12, 8, [sm.Level(sm.LowRank, blocks=b, rank=r) for r, b in [(2, 1), (1, 2), (1, 4)]],
+    N = sm.MultiLevel(12, 8, [sm.BlockLevel(sm.LowRank, blocks=b, rank=r) for r, b in [(2, 1), (1, 2), (1, 4)]],
                       heads=heads, dtype=F64)
     N.load_state_dict(A.state_dict())
     torch.testing.assert_close(N.dense(), A.dense())
@@ -474,7 +474,7 @@ FAMILIES = {
     "mlr": lambda: sm.MLR(8, 4, ranks=[2, 1], blocks=[1, 2], dtype=F64),
     "mlr_unequal": lambda: sm.MLR(5, 4, ranks=[1, 1], blocks=[1, [(2, 1), (3, 3)]], dtype=F64),
     "multilevel": lambda: sm.MultiLevel(
-        6, 4, [sm.Level(sm.Monarch, nblocks=2), sm.Level(sm.Dense, blocks=2)], dtype=F64
+        6, 4, [sm.BlockLevel(sm.Monarch, nblocks=2), sm.BlockLevel(sm.Dense, blocks=2)], dtype=F64
     ),
     "kron_from_sizes": lambda: sm.Kronecker.from_sizes((2, 3), (3, 2), dtype=F64),
     "block_diag_from_sizes": lambda: sm.BlockDiagonal.from_sizes(6, 4, 2, dtype=F64),
@@ -550,29 +550,29 @@ ERRORS = [
     (lambda: sm.MultiLevel(12, 8, []), ValueError, r"MultiLevel\(12, 8\): needs at least one level, got none"),
     (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8), sm.Dense(8, 12)]), ValueError,
      r"levels\[1\] is Dense\(8, 12\); every level must have shape \(12, 8\)"),
-    (lambda: sm.MultiLevel(12, 8, [sm.Level(sm.Dense, blocks=2), sm.Level(sm.Dense, blocks=3)]), ValueError,
+    (lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.Dense, blocks=2), sm.BlockLevel(sm.Dense, blocks=3)]), ValueError,
      r"blocks\[1\]=3 must divide m=12 and n=8"),
-    (lambda: sm.MultiLevel(12, 12, [sm.Level(sm.Dense, blocks=2), sm.Level(sm.Dense, blocks=3)]), ValueError,
+    (lambda: sm.MultiLevel(12, 12, [sm.BlockLevel(sm.Dense, blocks=2), sm.BlockLevel(sm.Dense, blocks=3)]), ValueError,
      r"levels are not nested: block 1 of level 1"),
-    (lambda: sm.MultiLevel(12, 8, [sm.Level(sm.Dense), sm.Level(sm.LowRank, blocks=2, rank=9)]), ValueError,
+    (lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.Dense), sm.BlockLevel(sm.LowRank, blocks=2, rank=9)]), ValueError,
      r"MultiLevel\(12, 8\): level 1: LowRank\(6, 4, rank=9\): rank must be <= min\(m, n\) = 4, got 9"),
-    (lambda: sm.MultiLevel(12, 8, [sm.Level(sm.BTT, blocks=2, ranks=1, in_factors=(3, 3))]), ValueError,
+    (lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.BTT, blocks=2, ranks=1, in_factors=(3, 3))]), ValueError,
      r"MultiLevel\(12, 8\): level 0: .*in_factors=\[3, 3\] multiply to 9, not 4"),
-    (lambda: sm.MultiLevel(12, 8, [sm.Level(_bad_family)]), ValueError,
+    (lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(_bad_family)]), ValueError,
      r"level 0: family returned Dense\(3, 3\), expected shape \(12, 8\)"),
-    (lambda: sm.MultiLevel(12, 8, [sm.Level(lambda r, c: "dense")]), TypeError, r"level 0: family returned str"),
+    (lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(lambda r, c: "dense")]), TypeError, r"level 0: family returned str"),
     (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.Dense(12, 8)]), ValueError,
      r"the levels must all be stacks of the same number of heads, got Dense\(12, 8, heads=2\), Dense\(12, 8\)"),
-    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.Level(sm.Dense)], heads=3), ValueError,
+    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.BlockLevel(sm.Dense)], heads=3), ValueError,
      r"levels\[0\] is Dense\(12, 8, heads=2\), but every level must be a stack of heads=3"),
     (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8)], heads=2), ValueError,
      r"levels\[0\] is Dense\(12, 8\), but every level must be a stack of heads=2"),
     (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8), 3]), TypeError,
-     r"levels\[1\] must be a Level or a LinearOperator, got int"),
-    (lambda: sm.MultiLevel(12, 8, sm.Dense(12, 8)), TypeError, r"levels must be a list of Level recipes or operators"),
+     r"levels\[1\] must be a BlockLevel or a LinearOperator, got int"),
+    (lambda: sm.MultiLevel(12, 8, sm.Dense(12, 8)), TypeError, r"levels must be a list of BlockLevel recipes or operators"),
     (lambda: sm.MultiLevel(4, 4, [sm.Dense(4, 4, dtype=torch.float32), sm.Dense(4, 4, dtype=F64)]), TypeError,
      r"operators have different dtypes"),
-    (lambda: sm.Level(5), TypeError, r"Level: family must be an operator class or a callable, got int"),
+    (lambda: sm.BlockLevel(5), TypeError, r"BlockLevel: family must be an operator class or a callable, got int"),
 ]
 
 

@@ -27,7 +27,7 @@ STACKS: dict[str, Callable[[int | None], sm.LinearOperator]] = {
                               dtype=F64),
     "mlr": lambda heads: sm.MLR(12, 8, ranks=[2, 1, 1], blocks=[1, 2, 4], heads=heads, dtype=F64),
     "multilevel": lambda heads: sm.MultiLevel(
-        12, 8, [sm.Level(sm.LowRank, rank=2), sm.Level(sm.Monarch, blocks=2, nblocks=2)], heads=heads, dtype=F64
+        12, 8, [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.Monarch, blocks=2, nblocks=2)], heads=heads, dtype=F64
     ),
     "kron_from_sizes": lambda heads: sm.Kronecker.from_sizes((3, 2), (2, 5), heads=heads, dtype=F64),
     "block_diag_stack": lambda heads: sm.BlockDiagonal(sm.Dense(2, 3, heads=(heads or 1) * 4, dtype=F64), heads=heads),

@@ -241,8 +241,8 @@ START_CASES = {
     "mlr": lambda: sm.MLR(24, 36, ranks=[2, 2, 1], blocks=[1, 2, 4], dtype=F64),
     "mlr_unequal": lambda: sm.MLR(10, 12, ranks=[2, 1], blocks=[1, [(4, 5), (6, 7)]], dtype=F64),
     "mlr_heads": lambda: sm.MLR(12, 16, ranks=[2, 1], blocks=[1, 2], heads=2, dtype=F64),
-    "multilevel_btt": lambda: sm.MultiLevel(24, 24, [sm.Level(sm.LowRank, rank=2),
-                                                     sm.Level(sm.BTT, blocks=2, ranks=1)], dtype=F64),
+    "multilevel_btt": lambda: sm.MultiLevel(24, 24, [sm.BlockLevel(sm.LowRank, rank=2),
+                                                     sm.BlockLevel(sm.BTT, blocks=2, ranks=1)], dtype=F64),
     # the gradient fallback
     "sum": lambda: sm.LowRank(12, 10, 2, dtype=F64) + sm.BlockDiagonal.from_sizes(12, 10, nblocks=2, dtype=F64),
     "product": lambda: dense(12, 3) @ sm.Monarch(3, 3, nblocks=1, dtype=F64) @ dense(3, 10),

@@ -66,8 +66,8 @@ ZOO: dict[str, Callable[[], sm.LinearOperator]] = {
     "mlr_unequal": lambda: sm.MLR(9, 7, ranks=[2, 1], blocks=[1, [(4, 3), (5, 4)]], dtype=F64),
     "multilevel": lambda: sm.MultiLevel(
         12, 8,
-        [sm.Level(sm.LowRank, rank=2), sm.Level(sm.BTT, blocks=2, ranks=1),
-         sm.Level(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)])],
+        [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.BTT, blocks=2, ranks=1),
+         sm.BlockLevel(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)])],
         dtype=F64,
     ),
     "multilevel_built": lambda: sm.MultiLevel(

@@ -7,7 +7,7 @@ from .identity import Identity
 from .lowrank import LowRank
 from .mlr import MLR, MultiLevelLowRank
 from .monarch import Monarch
-from .multilevel import Level, MultiLevel
+from .multilevel import BlockLevel, MultiLevel
 from .permutation import Permutation
 from .tensor_network import TensorNetwork
 from .tt import TT, TensorTrain
@@ -27,5 +27,5 @@ __all__ = [
     "MultiLevelLowRank",
     "MLR",
     "MultiLevel",
-    "Level",
+    "BlockLevel",
 ]

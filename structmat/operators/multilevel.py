@@ -28,14 +28,14 @@ from .._family import check_heads
 from .._nodes import Node
 from ..combinators import BlockDiagonal
 
-__all__ = ["Level", "MultiLevel"]
+__all__ = ["BlockLevel", "MultiLevel"]
 
 Partition = tuple[tuple[int, int], ...]  # (rows, cols) of each diagonal block, in order
 Family = Callable[..., LinearOperator]
 
 
 @final
-class Level:
+class BlockLevel:
     """The recipe of one level of a :class:`MultiLevel`: ``blocks`` diagonal blocks, each ``family(rows, cols, ...)``.
 
     Args:
@@ -45,19 +45,19 @@ class Level:
         blocks: the number of equal contiguous diagonal blocks (it must divide ``m`` and ``n``), or the explicit
             ``(rows, cols)`` of each block, summing to ``(m, n)``.
         **options: passed to ``family`` for every block (``rank=4``, ``ranks=2``, ``nblocks=4`` …); an option that
-            shares a name with ``Level``'s own arguments (``blocks`` of an ``MLR`` block) needs a ``lambda`` family.
+            shares a name with ``BlockLevel``'s own arguments (``blocks`` of an ``MLR`` block) needs a ``lambda`` family.
 
     Example:
         >>> import structmat as sm
-        >>> sm.Level(sm.LowRank, blocks=4, rank=2)
-        Level(LowRank, blocks=4, rank=2)
+        >>> sm.BlockLevel(sm.LowRank, blocks=4, rank=2)
+        BlockLevel(LowRank, blocks=4, rank=2)
     """
 
     __slots__ = ("family", "blocks", "options")
 
     def __init__(self, family: Family, blocks: int | Sequence[Sequence[int]] = 1, **options: Any) -> None:
         if not callable(family):
-            raise TypeError(f"Level: family must be an operator class or a callable, got {type(family).__name__}")
+            raise TypeError(f"BlockLevel: family must be an operator class or a callable, got {type(family).__name__}")
         self.family = family
         self.blocks = blocks
         self.options: Mapping[str, Any] = dict(options)
@@ -65,7 +65,7 @@ class Level:
     def __repr__(self) -> str:
         name = getattr(self.family, "__name__", repr(self.family))
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return f"Level({name}, blocks={self.blocks!r}{opts})"
+        return f"BlockLevel({name}, blocks={self.blocks!r}{opts})"
 
 
 # -- block layouts shared with MultiLevelLowRank ----------------------------------------------------------------------
@@ -189,7 +189,7 @@ def _layout(op: LinearOperator) -> Partition:
 class MultiLevel(LinearOperator):
     """A sum over levels of block-diagonal matrices of structured blocks: ``A = Σ_l diag(B_{l,1}, ..., B_{l,k_l})``.
 
-    Each level is a :class:`Level` recipe (its blocks are built here, with this operator's ``heads``, ``dtype`` and
+    Each level is a :class:`BlockLevel` recipe (its blocks are built here, with this operator's ``heads``, ``dtype`` and
     ``device``) or an already built operator of shape ``(m, n)``, used as it is (its parameters are shared): a
     ``BlockDiagonal`` contributes its blocks, any other operator is one block. Levels go from coarse to fine: each
     block of level ``l + 1`` must lie inside one block of level ``l``.
@@ -200,7 +200,7 @@ class MultiLevel(LinearOperator):
     Args:
         m: rows.
         n: columns.
-        levels: the levels, coarse to fine, each a :class:`Level` or a ``LinearOperator`` of shape ``(m, n)``.
+        levels: the levels, coarse to fine, each a :class:`BlockLevel` or a ``LinearOperator`` of shape ``(m, n)``.
         heads: a stack of this many independent operators (every level a stack of H), or None; by default the
             built levels' own.
         dtype: parameter dtype of the levels built here.
@@ -212,7 +212,7 @@ class MultiLevel(LinearOperator):
 
     Example:
         >>> import torch, structmat as sm
-        >>> A = sm.MultiLevel(64, 64, [sm.Level(sm.LowRank, rank=4), sm.Level(sm.BTT, blocks=4, ranks=1)])
+        >>> A = sm.MultiLevel(64, 64, [sm.BlockLevel(sm.LowRank, rank=4), sm.BlockLevel(sm.BTT, blocks=4, ranks=1)])
         >>> A.name, A.blocks[1]
         ('MultiLevel(64, 64, blocks=[1, 4])', ((16, 16), (16, 16), (16, 16), (16, 16)))
         >>> A.num_params, A.rank()  # 4 * (64 + 64) + 4 * (2 * 4**3)
@@ -226,7 +226,7 @@ class MultiLevel(LinearOperator):
         self,
         m: int,
         n: int,
-        levels: Sequence[Level | LinearOperator],
+        levels: Sequence[BlockLevel | LinearOperator],
         *,
         heads: int | None = None,
         dtype: torch.dtype | None = None,
@@ -236,16 +236,16 @@ class MultiLevel(LinearOperator):
         m = check_int(where, "m", m)
         n = check_int(where, "n", n)
         heads = check_heads(where, heads)
-        if isinstance(levels, (str, bytes, Level, LinearOperator)) or not isinstance(levels, Sequence):
+        if isinstance(levels, (str, bytes, BlockLevel, LinearOperator)) or not isinstance(levels, Sequence):
             raise TypeError(
-                f"{where}: levels must be a list of Level recipes or operators, got {type(levels).__name__}"
+                f"{where}: levels must be a list of BlockLevel recipes or operators, got {type(levels).__name__}"
             )
         if not levels:
             raise ValueError(f"{where}: needs at least one level, got none")
         built = [lv for lv in levels if isinstance(lv, LinearOperator)]
         for k, lv in enumerate(levels):
-            if not isinstance(lv, (Level, LinearOperator)):
-                raise TypeError(f"{where}: levels[{k}] must be a Level or a LinearOperator, got {type(lv).__name__}")
+            if not isinstance(lv, (BlockLevel, LinearOperator)):
+                raise TypeError(f"{where}: levels[{k}] must be a BlockLevel or a LinearOperator, got {type(lv).__name__}")
             if isinstance(lv, LinearOperator) and lv.shape != (m, n):
                 raise ValueError(f"{where}: levels[{k}] is {lv.name}; every level must have shape ({m}, {n})")
         if heads is None and built:
@@ -263,7 +263,7 @@ class MultiLevel(LinearOperator):
         parts: list[Partition] = []
         ops: list[LinearOperator] = []
         for k, lv in enumerate(levels):
-            if isinstance(lv, Level):
+            if isinstance(lv, BlockLevel):
                 part = _partition(where, k, m, n, lv.blocks)
                 parts.append(part)
                 ops.append(_build_level(where, k, lv.family, part, lv.options, heads=heads, dtype=dtype, device=device))
