@@ -37,7 +37,8 @@ from structmat_attention import Level, structured_attention
 def build(T: int, d_model: int, heads: int, ranks: list[int], dtype: torch.dtype, seed: int = 0):
     torch.manual_seed(seed)
     levels = [
-        Level(T // 2**lvl, sm.LowRank(d_model, d_model, rank=r, heads=heads, dtype=dtype)) for lvl, r in enumerate(ranks)
+        Level(T // 2**lvl, sm.LowRank(d_model, d_model, rank=r, heads=heads, dtype=dtype))
+        for lvl, r in enumerate(ranks)
     ]
     wv = sm.Dense(ranks_sum(ranks), d_model, heads=heads, dtype=dtype)
     return levels, wv
@@ -178,17 +179,24 @@ def main() -> None:
     L = len(args.ranks)
     print(
         f"causal self-attention, B={args.batch}, d_model={args.d_model}, H={args.heads}, d_head={sum(args.ranks)}, "
-        f"MLR levels L={L} with ranks {args.ranks} and blocks T/2^l; forward+backward; threads={torch.get_num_threads()}"
+        f"MLR levels L={L} with ranks {args.ranks} and blocks T/2^l; forward+backward; "
+        f"threads={torch.get_num_threads()}"
     )
     methods = ("ours", "ours-scores", "sdpa", "paper")
     print("ms: median forward+backward time; MiB: peak RSS growth in a fresh process")
-    print(f"{'T':>6}" + "".join(f" {m + ' ms':>16}" for m in methods) + f" {'ours/sdpa':>10} {'scores/sdpa':>12}"
-          + "".join(f" {m + ' MiB':>17}" for m in methods) + f" {'mem ours/paper':>15} {'scores/paper':>13}")
+    print(
+        f"{'T':>6}"
+        + "".join(f" {m + ' ms':>16}" for m in methods)
+        + f" {'ours/sdpa':>10} {'scores/sdpa':>12}"
+        + "".join(f" {m + ' MiB':>17}" for m in methods)
+        + f" {'mem ours/paper':>15} {'scores/paper':>13}"
+    )
     for T in args.T:
         t = {m: time_method(m, T, args) for m in methods}
         mem = {m: peak_memory(m, T, args) for m in methods}
         print(
-            f"{T:>6}" + "".join(f" {t[m] * 1e3:>16.1f}" for m in methods)
+            f"{T:>6}"
+            + "".join(f" {t[m] * 1e3:>16.1f}" for m in methods)
             + f" {t['ours'] / t['sdpa']:>10.2f} {t['ours-scores'] / t['sdpa']:>12.2f}"
             + "".join(f" {mem[m]:>17.1f}" for m in methods)
             + f" {mem['ours'] / mem['paper']:>15.3f} {mem['ours-scores'] / mem['paper']:>13.3f}"

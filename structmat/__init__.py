@@ -9,20 +9,23 @@ Example:
     (64, 2176)
 """
 
+from . import init
 from ._base import LinearOperator
 from ._cost import Contraction, Cost, Rank
 from .bilinear import bilinear_split
 from .combinators import BlockDiagonal, Kronecker, Product, Scaled, Sum, Transpose, block_diag, kron
+from .expr import parse, to_expr
+from .init import mup_param_groups
 from .operators import (
     BTT,
+    MLR,
     TT,
+    BlockLevel,
     BlockTensorTrain,
     Dense,
     Diagonal,
     Identity,
-    BlockLevel,
     LowRank,
-    MLR,
     Monarch,
     MultiLevel,
     MultiLevelLowRank,
@@ -31,10 +34,7 @@ from .operators import (
     TensorTrain,
 )
 from .project import project
-from .expr import parse, to_expr
 from .rank import numerical_rank
-from . import init
-from .init import mup_param_groups
 
 __version__ = "0.1.0"
 

@@ -170,7 +170,9 @@ class LinearOperator(torch.nn.Module):
             if heads is None:
                 raise ValueError(f"{self.name}: per_head=True needs a stack of heads; this operator is single")
             if x.ndim < 2 or x.shape[-2] != heads:
-                raise ValueError(f"{self.name}: per_head input must have shape (..., {heads}, {n}), got {tuple(x.shape)}")
+                raise ValueError(
+                    f"{self.name}: per_head input must have shape (..., {heads}, {n}), got {tuple(x.shape)}"
+                )
             lead = x.shape[:-2]
             if x.numel() == 0:
                 return x.new_zeros(*lead, heads, m)
@@ -271,7 +273,9 @@ class LinearOperator(torch.nn.Module):
         """
         m, n = self._shape
         own = self.dtype
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)):
+        if dtype is not None and (
+            not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)
+        ):
             raise TypeError(f"{self.name}.dense(dtype={dtype!r}): dtype must be a floating-point torch.dtype")
         if own is not None and dtype is not None and dtype != own:
             raise TypeError(f"{self.name}.dense(dtype={dtype}): the operator's parameters are {own}")

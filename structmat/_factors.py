@@ -30,7 +30,9 @@ def balanced_factors(n: int, parts: int) -> tuple[int, ...]:
     return tuple(sorted((best, *balanced_factors(n // best, parts - 1))))
 
 
-def check_factors(owner: str, what: str, size: int, factors: Sequence[int] | None, parts: int | None) -> tuple[int, ...]:
+def check_factors(
+    owner: str, what: str, size: int, factors: Sequence[int] | None, parts: int | None
+) -> tuple[int, ...]:
     """Validate a row-major split of ``size`` (or make a balanced one of ``parts`` factors)."""
     if factors is None:
         return balanced_factors(size, parts or 2)

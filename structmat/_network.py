@@ -252,7 +252,7 @@ class Network:
             for lab in fa.labels:
                 if lab not in diag:
                     members.setdefault(lab, set()).add(k)
-        for k, fa in enumerate(self.factors):
+        for fa in self.factors:
             if len(set(fa.labels)) != len(fa.labels):
                 return False
         hyper = [ms for ms in members.values() if len(ms) >= 2]
@@ -433,9 +433,7 @@ def kron_networks(nets: list[Network]) -> Network:
 
 
 # -- min cut on a hypergraph with multiplicative capacities ------------------------------------------------------------
-def _hyper_min_cut(
-    edges: dict[int, set[Any]], sizes: dict[int, int]
-) -> tuple[int, frozenset[int], frozenset[Any]]:
+def _hyper_min_cut(edges: dict[int, set[Any]], sizes: dict[int, int]) -> tuple[int, frozenset[int], frozenset[Any]]:
     """Min over S-T cuts of the product of the sizes of the hyperedges cut (max-flow on log sizes).
 
     Returns the product, the labels cut and the nodes on the source side.
@@ -481,7 +479,5 @@ def _hyper_min_cut(
             graph[v][u] += push
     reach = set(parent)
     side = {v for v in reach if not isinstance(v, tuple)}
-    cut = frozenset(
-        lab for lab, ends in edges.items() if len(ends) >= 2 and len({v in side for v in ends}) == 2
-    )
+    cut = frozenset(lab for lab, ends in edges.items() if len(ends) >= 2 and len({v in side for v in ends}) == 2)
     return math.prod(sizes[lab] for lab in cut), cut, frozenset(side)

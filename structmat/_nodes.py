@@ -271,7 +271,9 @@ class SumNode(Node):
         if self.full:
             outs = [c.apply(x) for c in self.children]
         else:
-            outs = [c.apply(x[..., a:b] if (a, b) != (0, self.n) else x) for c, (a, b) in zip(self.children, self.in_slices)]
+            outs = [
+                c.apply(x[..., a:b] if (a, b) != (0, self.n) else x) for c, (a, b) in zip(self.children, self.in_slices)
+            ]
         if heads is not None and any(o.ndim == 2 for o in outs):
             outs = [_with_heads(o, heads) for o in outs]
         if self.full:

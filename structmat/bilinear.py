@@ -97,5 +97,3 @@ def bilinear_split(op: LinearOperator) -> tuple[LinearOperator, LinearOperator]:
     if m <= n:
         return Identity(m), op
     return op.T, Identity(n)
-
-

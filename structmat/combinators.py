@@ -183,11 +183,15 @@ class BlockDiagonal(LinearOperator):
             )
         if heads is not None:
             if stack is None:
-                raise ValueError(f"BlockDiagonal(heads={heads}): heads needs one stacked operand, got "
-                                 f"{', '.join(op.name for op in ops)}")
+                raise ValueError(
+                    f"BlockDiagonal(heads={heads}): heads needs one stacked operand, got "
+                    f"{', '.join(op.name for op in ops)}"
+                )
             if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1 or stack % heads:
-                raise ValueError(f"BlockDiagonal(heads={heads!r}): heads must be a positive int dividing the "
-                                 f"operand's {stack} stacked operators")
+                raise ValueError(
+                    f"BlockDiagonal(heads={heads!r}): heads must be a positive int dividing the "
+                    f"operand's {stack} stacked operators"
+                )
         if stack is not None:  # one stack: its operators become equal blocks (grouped per head when heads is set)
             (op,) = ops
             nblocks = stack // (heads or 1)

@@ -31,7 +31,7 @@ import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -197,7 +197,7 @@ class _Chain:
     rest: tuple[tuple[str, int, _Expr], ...]  # (operator, its position, operand)
 
 
-_Expr = Union[_Num, _List, _Call, _Neg, _T, _Chain]
+_Expr = _Num | _List | _Call | _Neg | _T | _Chain
 
 
 class _Parser:
@@ -370,7 +370,8 @@ class _Parser:
                 self.k += 2
                 if key.text in _RESERVED_KEYWORDS:
                     raise self.fail(
-                        f"keyword {key.text!r} of {name.text}() is not allowed", key,
+                        f"keyword {key.text!r} of {name.text}() is not allowed",
+                        key,
                         f"; pass {key.text}= to structmat.parse instead",
                     )
                 if any(key.text == k for k, _, _ in kwargs):
@@ -394,7 +395,7 @@ class _Parser:
 # ----------------------------------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------------------------------
-_Value = Union[int, float, list, LinearOperator]
+_Value = int | float | list | LinearOperator
 
 
 def _is_number(v: Any) -> bool:
@@ -470,7 +471,7 @@ class _Builder:
         values = [self.build(node.first)] + [self.build(x) for _, _, x in node.rest]
         subs = [node.first] + [x for _, _, x in node.rest]
         ops = [(None, node.pos)] + [(op, pos) for op, pos, _ in node.rest]
-        for value, sub, (op, pos) in zip(values, subs, ops):
+        for value, sub, (_op, _pos) in zip(values, subs, ops):
             if isinstance(value, list):
                 raise self.fail(sub.pos, "a list cannot be added or subtracted")
         if all(_is_number(v) for v in values):
@@ -544,9 +545,12 @@ class _Builder:
             for key, pos, _ in node.kwargs:
                 p = params.get(key)
                 if (p is None and not takes_any) or (p is not None and p.kind is inspect.Parameter.POSITIONAL_ONLY):
-                    names = [q.name for q in params.values() if q.kind in (
-                        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
-                    ) and q.name not in _RESERVED_KEYWORDS]
+                    names = [
+                        q.name
+                        for q in params.values()
+                        if q.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+                        and q.name not in _RESERVED_KEYWORDS
+                    ]
                     listing = ", ".join(names) if names else "none"
                     raise self.fail(pos, f"{node.name}() has no keyword {key!r}", f" (its keywords: {listing})")
             for key in _RESERVED_KEYWORDS:
@@ -559,12 +563,10 @@ class _Builder:
         try:
             return ctor(*args, **kwargs)
         except (TypeError, ValueError) as e:
-            raise self.fail(node.pos, f"{self.text[node.pos:node.end]}", f": {e}") from None
+            raise self.fail(node.pos, f"{self.text[node.pos : node.end]}", f": {e}") from None
 
 
-def parse(
-    text: str, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> LinearOperator:
+def parse(text: str, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LinearOperator:
     """Build the operator an expression describes (see the module docstring for the grammar).
 
     Only the names in :data:`REGISTRY` can be called, and ``.T`` is the only attribute; the text is never evaluated as
@@ -658,7 +660,10 @@ _FAMILY_PRINTERS: dict[str, Callable[[Any], str]] = {
     "Monarch": lambda op: _call("monarch", *op.shape, nblocks=op.nblocks, heads=op.heads),
     "TensorTrain": lambda op: _train("tt", op),
     "MultiLevelLowRank": lambda op: _call(
-        "mlr", *op.shape, ranks=list(op.ranks), blocks=[_level_blocks(op.shape, part) for part in op.blocks],
+        "mlr",
+        *op.shape,
+        ranks=list(op.ranks),
+        blocks=[_level_blocks(op.shape, part) for part in op.blocks],
         heads=op.heads,
     ),
 }

@@ -49,7 +49,6 @@ import torch
 
 from ._base import LinearOperator
 from ._init import spectral_std
-from ._network import Network
 
 __all__ = ["spectral_", "spectral_std", "parameter_fans", "mup_param_groups"]
 

@@ -383,9 +383,7 @@ def _fit_levels(op: LinearOperator, A: torch.Tensor, opts: _Options) -> None:
         _restore(op, greedy)
 
 
-def _bcd(
-    levels: list[LinearOperator], A: torch.Tensor, parts: list[torch.Tensor], err: float, opts: _Options
-) -> float:
+def _bcd(levels: list[LinearOperator], A: torch.Tensor, parts: list[torch.Tensor], err: float, opts: _Options) -> float:
     """Sweeps of ``level_k <- projection of (A - sum of the other levels)``; ``parts`` are the levels' matrices as the
     first sweep sees them and ``err`` the squared error there. Returns the final squared error; no sweep raises it."""
     total = sum(parts)
@@ -442,8 +440,14 @@ def _fit_gradient(op: LinearOperator, A: torch.Tensor, opts: _Options) -> None:
                 loss()
             else:
                 lbfgs = torch.optim.LBFGS(
-                    params, lr=opts.lr or 1.0, max_iter=opts.steps, max_eval=2 * opts.steps, history_size=50,
-                    tolerance_grad=1e-14, tolerance_change=1e-20, line_search_fn="strong_wolfe",
+                    params,
+                    lr=opts.lr or 1.0,
+                    max_iter=opts.steps,
+                    max_eval=2 * opts.steps,
+                    history_size=50,
+                    tolerance_grad=1e-14,
+                    tolerance_change=1e-20,
+                    line_search_fn="strong_wolfe",
                 )
 
                 def closure() -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``numerical_rank``: the rank of an operator's actual parameters, without forming the matrix when a thin cut exists."""
+"""``numerical_rank``: the rank of an operator's actual parameters, without forming the matrix when a cut is thin."""
 
 from __future__ import annotations
 

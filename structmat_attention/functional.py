@@ -542,7 +542,9 @@ def _sdpa_core(
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
     allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device)
     if causal:
-        allowed = torch.arange(t_k, device=q.device)[None, :] <= (torch.arange(t_q, device=q.device) + q_offset)[:, None]
+        allowed = (
+            torch.arange(t_k, device=q.device)[None, :] <= (torch.arange(t_q, device=q.device) + q_offset)[:, None]
+        )
     if mask is not None:
         if mask.dtype == torch.bool:
             allowed = allowed & mask

@@ -296,8 +296,10 @@ class StructuredAttention(torch.nn.Module):
             )
         if output is None:
             output = sm.Dense(d_model, n_heads * self.d_value, dtype=dtype, device=device)
-        if not isinstance(output, sm.LinearOperator) or output.heads is not None or (
-            output.shape != (d_model, n_heads * self.d_value)
+        if (
+            not isinstance(output, sm.LinearOperator)
+            or output.heads is not None
+            or (output.shape != (d_model, n_heads * self.d_value))
         ):
             got = output.name if isinstance(output, sm.LinearOperator) else type(output).__name__
             raise ValueError(
@@ -308,8 +310,10 @@ class StructuredAttention(torch.nn.Module):
 
     def extra_repr(self) -> str:
         lv = ", ".join(
-            f"{lv.op.name}" + (f" block={lv.block_size}" if lv.block_size else "")
-            + (f" window={lv.window}" if lv.window else "") + (f" c={lv.scale}" if lv.scale != 1.0 else "")
+            f"{lv.op.name}"
+            + (f" block={lv.block_size}" if lv.block_size else "")
+            + (f" window={lv.window}" if lv.window else "")
+            + (f" c={lv.scale}" if lv.scale != 1.0 else "")
             for lv in self.levels
         )
         return (
@@ -344,9 +348,7 @@ class StructuredAttention(torch.nn.Module):
             return mask & joined
         return torch.where(joined, mask, torch.tensor(float("-inf"), dtype=mask.dtype, device=device))
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Attend.
 
         Args:
@@ -370,8 +372,15 @@ class StructuredAttention(torch.nn.Module):
         if cache is None:
             mask = self._mask(mask, t_q, t_q, 0, x.device)
             out = structured_attention(
-                x, x, v, self.levels, self.causal, mask,
-                scale=self.scale, qk_norm=self.qk_norm, key_block=self.key_block,
+                x,
+                x,
+                v,
+                self.levels,
+                self.causal,
+                mask,
+                scale=self.scale,
+                qk_norm=self.qk_norm,
+                key_block=self.key_block,
             )
         else:
             past = len(cache)

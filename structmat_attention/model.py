@@ -51,9 +51,7 @@ class TransformerBlock(torch.nn.Module):
             torch.nn.Linear(d_model, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, d_model)
         )
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """``(..., T, d_model) -> (..., T, d_model)``; ``cache`` goes to the attention."""
         x = x + self.attn(self.ln_attn(x), mask=mask, cache=cache)
         return x + self.mlp(self.ln_mlp(x))

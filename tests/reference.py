@@ -6,7 +6,6 @@ A stack of H operators (``heads=H``) gives an ``(H, m, n)`` tensor; combinators 
 from __future__ import annotations
 
 import functools
-import math
 import string
 
 import torch

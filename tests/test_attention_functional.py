@@ -125,7 +125,11 @@ def test_bilinear_btt_uses_raw_query_and_full_rank():
 
 def test_key_block_streaming_matches():
     d, h, t = 6, 2, 11
-    levels = [Level(None, lowrank(d, 2, heads=h)), Level(4, lowrank(d, 1, heads=h)), Level(None, lowrank(d, 1, heads=h), window=2)]
+    levels = [
+        Level(None, lowrank(d, 2, heads=h)),
+        Level(4, lowrank(d, 1, heads=h)),
+        Level(None, lowrank(d, 1, heads=h), window=2),
+    ]
     x = torch.randn(t, d, dtype=F64)
     v = torch.randn(h, t, 3, dtype=F64)
     pad = torch.ones(t, t, dtype=torch.bool)
@@ -133,7 +137,9 @@ def test_key_block_streaming_matches():
     for causal in (False, True):
         full = structured_attention(x, x, v, levels, causal=causal, mask=pad)
         for kb in (1, 3, 5):
-            torch.testing.assert_close(structured_attention(x, x, v, levels, causal=causal, mask=pad, key_block=kb), full)
+            torch.testing.assert_close(
+                structured_attention(x, x, v, levels, causal=causal, mask=pad, key_block=kb), full
+            )
 
 
 def test_padding_mask_and_fully_masked_rows():
@@ -154,7 +160,11 @@ def test_padding_mask_and_fully_masked_rows():
 
 def test_causal_does_not_leak():
     d, t = 6, 9
-    levels = [Level(None, lowrank(d, 2, heads=2)), Level(4, lowrank(d, 2, heads=2)), Level(None, lowrank(d, 1, heads=2), window=3)]
+    levels = [
+        Level(None, lowrank(d, 2, heads=2)),
+        Level(4, lowrank(d, 2, heads=2)),
+        Level(None, lowrank(d, 1, heads=2), window=3),
+    ]
     x, v = torch.randn(t, d, dtype=F64), torch.randn(t, 3, dtype=F64)
     base = structured_attention(x, x, v, levels, causal=True)
     for pos in range(t):
@@ -220,7 +230,11 @@ def test_errors():
 @pytest.mark.parametrize("t", [8, 7])
 def test_every_method_matches_reference(method, t):
     d, h = 6, 2
-    levels = [Level(None, lowrank(d, 2, heads=h), 0.7), Level(4, lowrank(d, 1, heads=h), 1.3), Level(2, lowrank(d, 2, heads=h))]
+    levels = [
+        Level(None, lowrank(d, 2, heads=h), 0.7),
+        Level(4, lowrank(d, 1, heads=h), 1.3),
+        Level(2, lowrank(d, 2, heads=h)),
+    ]
     x = torch.randn(t, d, dtype=F64)
     v = torch.randn(h, t, 3, dtype=F64)
     s = reference_scores(x, x, levels)

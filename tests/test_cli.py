@@ -37,7 +37,7 @@ def test_info_text(capsys: pytest.CaptureFixture[str]) -> None:
     assert "dense:    32,768 flops" in lines
     assert "speedup:  4x over dense" in lines
     assert "  einsum 0: za,bc,ca->zb  path [(0, 2), (0, 1)]" in lines
-    tree = lines[lines.index("tree:") + 1:]
+    tree = lines[lines.index("tree:") + 1 :]
     assert tree[0].startswith("  Product(64, 64)  params=1,024  rank<=8 (exact)")
     assert tree[1].startswith("  ├─ Dense(64, 8)") and tree[2].startswith("  └─ Dense(8, 64)")
 
@@ -140,7 +140,11 @@ def test_python_dash_m() -> None:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, "-m", "structmat", "info", "dense(1000000, 8) @ dense(8, 1000000)", "--json"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     facts = json.loads(proc.stdout)

@@ -58,7 +58,9 @@ def test_composition_laws(case):
     torch.testing.assert_close((op.T @ op).dense(torch.float64), ref.T @ ref)
     torch.testing.assert_close((op + op).dense(torch.float64), 2 * ref)
     torch.testing.assert_close((op - 0.5 * op).dense(torch.float64), 0.5 * ref)
-    torch.testing.assert_close(sm.kron(op, sm.Identity(2)).dense(torch.float64), torch.kron(ref, torch.eye(2, dtype=ref.dtype)))
+    torch.testing.assert_close(
+        sm.kron(op, sm.Identity(2)).dense(torch.float64), torch.kron(ref, torch.eye(2, dtype=ref.dtype))
+    )
     torch.testing.assert_close(sm.block_diag(op, op.T).dense(torch.float64), torch.block_diag(ref, ref.T))
 
 
@@ -84,7 +86,9 @@ def test_cost_shape_facts(case):
     assert c1.macs <= c1.flops
     assert c5.largest_intermediate >= 0
     for c in c5.contractions:
-        assert c.equation.startswith("z") and c.shapes[0][0] % 5 == 0  # a Kronecker part runs at a multiple of the batch
+        assert (
+            c.equation.startswith("z") and c.shapes[0][0] % 5 == 0
+        )  # a Kronecker part runs at a multiple of the batch
 
 
 def test_state_dict_round_trip(case):

@@ -52,7 +52,7 @@ CASES = {
     "difference": lambda: D(2, 3) - D(2, 3),
     "difference_of_difference": lambda: (D(2, 3) - D(2, 3)) - (D(2, 3) - D(2, 3)),
     "negated_first": lambda: -D(2, 3) + D(2, 3),
-    "negate_twice": lambda: -(-D(2, 3)),
+    "negate_twice": lambda: -(-D(2, 3)),  # noqa: B002 - a double negation is the case under test
     "scale_negated": lambda: 2.0 * (-D(2, 3)),
     "negate_scaled": lambda: -(2.0 * D(2, 3)),
     "scale_scaled": lambda: 3.0 * (0.5 * D(2, 3)),
@@ -88,21 +88,30 @@ def test_roundtrip(name: str) -> None:
 FAMILIES = {
     # registry name: (structmat class name, expressions)
     "lowrank": ("LowRank", ["lowrank(12, 7, rank=3)", "lowrank(12, 7, rank=1, heads=2)"]),
-    "btt": ("BlockTensorTrain", [
-        "btt(64, 64, ranks=2)",
-        "btt(64, 48, ranks=[2, 3], in_factors=[4, 4, 3], out_factors=[4, 4, 4])",
-        "btt(64, 64, ranks=2, in_factors=[4, 16], out_factors=[8, 8], heads=3)",
-    ]),
+    "btt": (
+        "BlockTensorTrain",
+        [
+            "btt(64, 64, ranks=2)",
+            "btt(64, 48, ranks=[2, 3], in_factors=[4, 4, 3], out_factors=[4, 4, 4])",
+            "btt(64, 64, ranks=2, in_factors=[4, 16], out_factors=[8, 8], heads=3)",
+        ],
+    ),
     "monarch": ("Monarch", ["monarch(12, 20, nblocks=4)", "monarch(16, 16, nblocks=2, heads=2)"]),
-    "tt": ("TensorTrain", [
-        "tt(64, 64, ranks=3)",
-        "tt(27, 8, ranks=[2, 1], in_factors=[2, 2, 2], out_factors=[3, 3, 3])",
-    ]),
-    "mlr": ("MultiLevelLowRank", [
-        "mlr(16, 16, ranks=[2, 1, 1], blocks=[1, 2, 4])",
-        "mlr(10, 10, ranks=[2, 1], blocks=[1, [[4, 4], [6, 6]]])",
-        "mlr(12, 8, ranks=[1, 1], blocks=[2, 4], heads=3)",
-    ]),
+    "tt": (
+        "TensorTrain",
+        [
+            "tt(64, 64, ranks=3)",
+            "tt(27, 8, ranks=[2, 1], in_factors=[2, 2, 2], out_factors=[3, 3, 3])",
+        ],
+    ),
+    "mlr": (
+        "MultiLevelLowRank",
+        [
+            "mlr(16, 16, ranks=[2, 1, 1], blocks=[1, 2, 4])",
+            "mlr(10, 10, ranks=[2, 1], blocks=[1, [[4, 4], [6, 6]]])",
+            "mlr(12, 8, ranks=[1, 1], blocks=[2, 4], heads=3)",
+        ],
+    ),
 }
 
 

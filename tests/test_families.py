@@ -128,8 +128,11 @@ def test_btt2_cost_small_case():
 
 
 # -- BTT with three cores -----------------------------------------------------------------------------------------
-@given(st.lists(st.integers(1, 3), min_size=3, max_size=3), st.lists(st.integers(1, 3), min_size=3, max_size=3),
-       st.lists(st.integers(1, 3), min_size=2, max_size=2))
+@given(
+    st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    st.lists(st.integers(1, 3), min_size=2, max_size=2),
+)
 def test_btt3_facts(fin, fout, ranks):
     m, n = math.prod(fout), math.prod(fin)
     op = sm.BTT(m, n, ranks=ranks, in_factors=fin, out_factors=fout, dtype=F64)
@@ -353,9 +356,13 @@ def test_mlr_lowers_to_one_network_per_level():
 # -- MultiLevel ---------------------------------------------------------------------------------------------------
 def test_multilevel_mixed_families():
     op = sm.MultiLevel(
-        12, 8,
-        [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.BTT, blocks=2, ranks=1),
-         sm.BlockLevel(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)])],
+        12,
+        8,
+        [
+            sm.BlockLevel(sm.LowRank, rank=2),
+            sm.BlockLevel(sm.BTT, blocks=2, ranks=1),
+            sm.BlockLevel(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)]),
+        ],
         dtype=F64,
     )
     assert op.name == "MultiLevel(12, 8, blocks=[1, 2, [(2, 1), (4, 3), (3, 2), (3, 2)]])"
@@ -442,16 +449,25 @@ def test_mlr_is_a_multilevel(heads):
     A = sm.MLR(12, 8, ranks=[2, 1, 1], blocks=[1, 2, 4], heads=heads, dtype=F64)
     # the same levels with every block one tensor contraction; parameters named U, V like LowRank's
     M = sm.MultiLevel(
-        12, 8,
-        [sm.BlockLevel(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=r), blocks=b)
-         for r, b in [(2, 1), (1, 2), (1, 4)]],
-        heads=heads, dtype=F64,
+        12,
+        8,
+        [
+            sm.BlockLevel(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=r), blocks=b)
+            for r, b in [(2, 1), (1, 2), (1, 4)]
+        ],
+        heads=heads,
+        dtype=F64,
     )
     M.load_state_dict(A.state_dict())
     torch.testing.assert_close(M.dense(), A.dense())
     # and from the LowRank family itself
-    N = sm.MultiLevel(12, 8, [sm.BlockLevel(sm.LowRank, blocks=b, rank=r) for r, b in [(2, 1), (1, 2), (1, 4)]],
-                      heads=heads, dtype=F64)
+    N = sm.MultiLevel(
+        12,
+        8,
+        [sm.BlockLevel(sm.LowRank, blocks=b, rank=r) for r, b in [(2, 1), (1, 2), (1, 4)]],
+        heads=heads,
+        dtype=F64,
+    )
     N.load_state_dict(A.state_dict())
     torch.testing.assert_close(N.dense(), A.dense())
     assert N.rank() == A.rank() and N.cost(3).flops == A.cost(3).flops and N.num_params == A.num_params
@@ -503,75 +519,154 @@ ERRORS = [
     (lambda: sm.BTT(12, 10, ranks=2, in_factors=(3, 3)), ValueError, r"in_factors=\[3, 3\] multiply to 9, not 10"),
     (lambda: sm.BTT(12, 10, ranks=2, out_factors=(5, 2)), ValueError, r"out_factors=\[5, 2\] multiply to 10, not 12"),
     (lambda: sm.BTT(12, 10, ranks=0), ValueError, r"BlockTensorTrain\(12, 10, ranks=0\): ranks must be >= 1, got 0"),
-    (lambda: sm.BTT(8, 8, ranks=[2, 0], in_factors=(2, 2, 2), out_factors=(2, 2, 2)), ValueError,
-     r"ranks\[1\] must be >= 1, got 0"),
-    (lambda: sm.BTT(8, 8, ranks=[1, 2], in_factors=(2, 4), out_factors=(2, 4)), ValueError,
-     r"ranks=\[1, 2\] must hold 1 bond rank\(s\), got 2"),
+    (
+        lambda: sm.BTT(8, 8, ranks=[2, 0], in_factors=(2, 2, 2), out_factors=(2, 2, 2)),
+        ValueError,
+        r"ranks\[1\] must be >= 1, got 0",
+    ),
+    (
+        lambda: sm.BTT(8, 8, ranks=[1, 2], in_factors=(2, 4), out_factors=(2, 4)),
+        ValueError,
+        r"ranks=\[1, 2\] must hold 1 bond rank\(s\), got 2",
+    ),
     (lambda: sm.BTT(8, 8, ranks=1, in_factors=(2, 4), out_factors=(2, 2, 2)), ValueError, r"must have the same length"),
     (lambda: sm.BTT(8, 8, ranks=1, in_factors=(8,)), ValueError, r"needs at least 2 cores, got factors for 1"),
     # Monarch
-    (lambda: sm.Monarch(12, 20, nblocks=3), ValueError,
-     r"Monarch\(12, 20, nblocks=3\): nblocks must divide m=12 and n=20"),
+    (
+        lambda: sm.Monarch(12, 20, nblocks=3),
+        ValueError,
+        r"Monarch\(12, 20, nblocks=3\): nblocks must divide m=12 and n=20",
+    ),
     (lambda: sm.Monarch(12, 20, nblocks=0), ValueError, r"nblocks must be >= 1, got 0"),
     # TT
-    (lambda: sm.TT(12, 8, ranks=2, in_factors=(2, 2), out_factors=(3, 4)), ValueError,
-     r"in_factors=\[2, 2\] multiply to 4, not 8"),
+    (
+        lambda: sm.TT(12, 8, ranks=2, in_factors=(2, 2), out_factors=(3, 4)),
+        ValueError,
+        r"in_factors=\[2, 2\] multiply to 4, not 8",
+    ),
     (lambda: sm.TT(12, 8, ranks=-1), ValueError, r"TensorTrain\(12, 8, ranks=-1\): ranks must be >= 1, got -1"),
-    (lambda: sm.TT(8, 8, ranks=[2, 2], in_factors=(2, 4), out_factors=(4, 2)), ValueError,
-     r"ranks=\[2, 2\] must hold 1 bond rank\(s\), got 2"),
+    (
+        lambda: sm.TT(8, 8, ranks=[2, 2], in_factors=(2, 4), out_factors=(4, 2)),
+        ValueError,
+        r"ranks=\[2, 2\] must hold 1 bond rank\(s\), got 2",
+    ),
     # Kronecker.from_sizes, BlockDiagonal.from_sizes
     (lambda: sm.Kronecker.from_sizes((3, 4), 5), ValueError, r"each size must be an \(m, n\) pair, got 5"),
     (lambda: sm.Kronecker.from_sizes((3, 0), (2, 2)), ValueError, r"n \(columns\) must be >= 1, got 0"),
-    (lambda: sm.BlockDiagonal.from_sizes(12, 20, 3), ValueError,
-     r"BlockDiagonal.from_sizes\(12, 20, nblocks=3\): nblocks must divide m=12 and n=20"),
+    (
+        lambda: sm.BlockDiagonal.from_sizes(12, 20, 3),
+        ValueError,
+        r"BlockDiagonal.from_sizes\(12, 20, nblocks=3\): nblocks must divide m=12 and n=20",
+    ),
     (lambda: sm.BlockDiagonal.from_sizes(12, 20, 0), ValueError, r"nblocks must be a positive int, got 0"),
     # MLR
-    (lambda: sm.MLR(12, 8, ranks=[2, 0], blocks=[1, 2]), ValueError,
-     r"MLR\(12, 8, ranks=\[2, 0\], blocks=\[1, 2\]\): ranks\[1\] must be >= 1, got 0"),
-    (lambda: sm.MLR(12, 8, ranks=[2, 1], blocks=[1, 2, 4]), ValueError,
-     r"ranks has 2 entries but blocks has 3 levels; give one rank per level"),
+    (
+        lambda: sm.MLR(12, 8, ranks=[2, 0], blocks=[1, 2]),
+        ValueError,
+        r"MLR\(12, 8, ranks=\[2, 0\], blocks=\[1, 2\]\): ranks\[1\] must be >= 1, got 0",
+    ),
+    (
+        lambda: sm.MLR(12, 8, ranks=[2, 1], blocks=[1, 2, 4]),
+        ValueError,
+        r"ranks has 2 entries but blocks has 3 levels; give one rank per level",
+    ),
     (lambda: sm.MLR(12, 8, ranks=[2, 1], blocks=[1, 3]), ValueError, r"blocks\[1\]=3 must divide m=12 and n=8"),
-    (lambda: sm.MLR(12, 8, ranks=[2, 3], blocks=[1, 4]), ValueError,
-     r"ranks\[1\]=3 is larger than block 0 of level 1, of \(rows, cols\)=\(3, 2\); .* at most min\(rows, cols\) = 2"),
-    (lambda: sm.MLR(12, 12, ranks=[1, 1], blocks=[2, 3]), ValueError,
-     r"levels are not nested: block 1 of level 1 \(rows 4:8, columns 4:8\) does not lie inside one block of level 0 "
-     r"\(blocks\[0\]=2 must divide blocks\[1\]=3\)"),
-    (lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[[(4, 3), (5, 4)], [(5, 4), (4, 3)]]), ValueError,
-     r"levels are not nested: block 0 of level 1 \(rows 0:5, columns 0:4\)"),
-    (lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[1, [(4, 3), (4, 4)]]), ValueError,
-     r"the blocks of level 1 cover \(rows, cols\)=\(8, 7\), not \(m, n\)=\(9, 7\)"),
-    (lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[1, [(4, 3, 1), (5, 4)]]), TypeError,
-     r"blocks\[1\]\[0\] must be a \(rows, cols\) pair"),
-    (lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[1, [(4, 3), (5, 4)]], heads=2), ValueError,
-     r"level 1 has unequal blocks \[\(4, 3\), \(5, 4\)\]; a stack of heads=2 needs equal blocks"),
+    (
+        lambda: sm.MLR(12, 8, ranks=[2, 3], blocks=[1, 4]),
+        ValueError,
+        r"ranks\[1\]=3 is larger than block 0 of level 1, of \(rows, cols\)=\(3, 2\); .* at most min\(rows, cols\) = 2",
+    ),
+    (
+        lambda: sm.MLR(12, 12, ranks=[1, 1], blocks=[2, 3]),
+        ValueError,
+        r"levels are not nested: block 1 of level 1 \(rows 4:8, columns 4:8\) does not lie inside one block of level 0 "
+        r"\(blocks\[0\]=2 must divide blocks\[1\]=3\)",
+    ),
+    (
+        lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[[(4, 3), (5, 4)], [(5, 4), (4, 3)]]),
+        ValueError,
+        r"levels are not nested: block 0 of level 1 \(rows 0:5, columns 0:4\)",
+    ),
+    (
+        lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[1, [(4, 3), (4, 4)]]),
+        ValueError,
+        r"the blocks of level 1 cover \(rows, cols\)=\(8, 7\), not \(m, n\)=\(9, 7\)",
+    ),
+    (
+        lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[1, [(4, 3, 1), (5, 4)]]),
+        TypeError,
+        r"blocks\[1\]\[0\] must be a \(rows, cols\) pair",
+    ),
+    (
+        lambda: sm.MLR(9, 7, ranks=[1, 1], blocks=[1, [(4, 3), (5, 4)]], heads=2),
+        ValueError,
+        r"level 1 has unequal blocks \[\(4, 3\), \(5, 4\)\]; a stack of heads=2 needs equal blocks",
+    ),
     (lambda: sm.MLR(9, 7, ranks=3), TypeError, r"ranks must be a non-empty list of ints, one per level, got 3"),
     (lambda: sm.MLR(0, 7, ranks=[1]), ValueError, r"m must be >= 1, got 0"),
     # MultiLevel
     (lambda: sm.MultiLevel(12, 8, []), ValueError, r"MultiLevel\(12, 8\): needs at least one level, got none"),
-    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8), sm.Dense(8, 12)]), ValueError,
-     r"levels\[1\] is Dense\(8, 12\); every level must have shape \(12, 8\)"),
-    (lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.Dense, blocks=2), sm.BlockLevel(sm.Dense, blocks=3)]), ValueError,
-     r"blocks\[1\]=3 must divide m=12 and n=8"),
-    (lambda: sm.MultiLevel(12, 12, [sm.BlockLevel(sm.Dense, blocks=2), sm.BlockLevel(sm.Dense, blocks=3)]), ValueError,
-     r"levels are not nested: block 1 of level 1"),
-    (lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.Dense), sm.BlockLevel(sm.LowRank, blocks=2, rank=9)]), ValueError,
-     r"MultiLevel\(12, 8\): level 1: LowRank\(6, 4, rank=9\): rank must be <= min\(m, n\) = 4, got 9"),
-    (lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.BTT, blocks=2, ranks=1, in_factors=(3, 3))]), ValueError,
-     r"MultiLevel\(12, 8\): level 0: .*in_factors=\[3, 3\] multiply to 9, not 4"),
-    (lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(_bad_family)]), ValueError,
-     r"level 0: family returned Dense\(3, 3\), expected shape \(12, 8\)"),
+    (
+        lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8), sm.Dense(8, 12)]),
+        ValueError,
+        r"levels\[1\] is Dense\(8, 12\); every level must have shape \(12, 8\)",
+    ),
+    (
+        lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.Dense, blocks=2), sm.BlockLevel(sm.Dense, blocks=3)]),
+        ValueError,
+        r"blocks\[1\]=3 must divide m=12 and n=8",
+    ),
+    (
+        lambda: sm.MultiLevel(12, 12, [sm.BlockLevel(sm.Dense, blocks=2), sm.BlockLevel(sm.Dense, blocks=3)]),
+        ValueError,
+        r"levels are not nested: block 1 of level 1",
+    ),
+    (
+        lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.Dense), sm.BlockLevel(sm.LowRank, blocks=2, rank=9)]),
+        ValueError,
+        r"MultiLevel\(12, 8\): level 1: LowRank\(6, 4, rank=9\): rank must be <= min\(m, n\) = 4, got 9",
+    ),
+    (
+        lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.BTT, blocks=2, ranks=1, in_factors=(3, 3))]),
+        ValueError,
+        r"MultiLevel\(12, 8\): level 0: .*in_factors=\[3, 3\] multiply to 9, not 4",
+    ),
+    (
+        lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(_bad_family)]),
+        ValueError,
+        r"level 0: family returned Dense\(3, 3\), expected shape \(12, 8\)",
+    ),
     (lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(lambda r, c: "dense")]), TypeError, r"level 0: family returned str"),
-    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.Dense(12, 8)]), ValueError,
-     r"the levels must all be stacks of the same number of heads, got Dense\(12, 8, heads=2\), Dense\(12, 8\)"),
-    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.BlockLevel(sm.Dense)], heads=3), ValueError,
-     r"levels\[0\] is Dense\(12, 8, heads=2\), but every level must be a stack of heads=3"),
-    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8)], heads=2), ValueError,
-     r"levels\[0\] is Dense\(12, 8\), but every level must be a stack of heads=2"),
-    (lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8), 3]), TypeError,
-     r"levels\[1\] must be a BlockLevel or a LinearOperator, got int"),
-    (lambda: sm.MultiLevel(12, 8, sm.Dense(12, 8)), TypeError, r"levels must be a list of BlockLevel recipes or operators"),
-    (lambda: sm.MultiLevel(4, 4, [sm.Dense(4, 4, dtype=torch.float32), sm.Dense(4, 4, dtype=F64)]), TypeError,
-     r"operators have different dtypes"),
+    (
+        lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.Dense(12, 8)]),
+        ValueError,
+        r"the levels must all be stacks of the same number of heads, got Dense\(12, 8, heads=2\), Dense\(12, 8\)",
+    ),
+    (
+        lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.BlockLevel(sm.Dense)], heads=3),
+        ValueError,
+        r"levels\[0\] is Dense\(12, 8, heads=2\), but every level must be a stack of heads=3",
+    ),
+    (
+        lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8)], heads=2),
+        ValueError,
+        r"levels\[0\] is Dense\(12, 8\), but every level must be a stack of heads=2",
+    ),
+    (
+        lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8), 3]),
+        TypeError,
+        r"levels\[1\] must be a BlockLevel or a LinearOperator, got int",
+    ),
+    (
+        lambda: sm.MultiLevel(12, 8, sm.Dense(12, 8)),
+        TypeError,
+        r"levels must be a list of BlockLevel recipes or operators",
+    ),
+    (
+        lambda: sm.MultiLevel(4, 4, [sm.Dense(4, 4, dtype=torch.float32), sm.Dense(4, 4, dtype=F64)]),
+        TypeError,
+        r"operators have different dtypes",
+    ),
     (lambda: sm.BlockLevel(5), TypeError, r"BlockLevel: family must be an operator class or a callable, got int"),
 ]
 

@@ -20,14 +20,18 @@ STACKS: dict[str, Callable[[int | None], sm.LinearOperator]] = {
     "dense": lambda heads: sm.Dense(5, 4, heads=heads, dtype=F64),
     "lowrank": lambda heads: sm.LowRank(7, 5, rank=2, heads=heads, dtype=F64),
     "btt2": lambda heads: sm.BTT(12, 10, ranks=2, heads=heads, dtype=F64),
-    "btt3": lambda heads: sm.BTT(12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), heads=heads,
-                                 dtype=F64),
+    "btt3": lambda heads: sm.BTT(
+        12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), heads=heads, dtype=F64
+    ),
     "monarch": lambda heads: sm.Monarch(8, 12, nblocks=2, heads=heads, dtype=F64),
-    "tt": lambda heads: sm.TT(12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), heads=heads,
-                              dtype=F64),
+    "tt": lambda heads: sm.TT(12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), heads=heads, dtype=F64),
     "mlr": lambda heads: sm.MLR(12, 8, ranks=[2, 1, 1], blocks=[1, 2, 4], heads=heads, dtype=F64),
     "multilevel": lambda heads: sm.MultiLevel(
-        12, 8, [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.Monarch, blocks=2, nblocks=2)], heads=heads, dtype=F64
+        12,
+        8,
+        [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.Monarch, blocks=2, nblocks=2)],
+        heads=heads,
+        dtype=F64,
     ),
     "kron_from_sizes": lambda heads: sm.Kronecker.from_sizes((3, 2), (2, 5), heads=heads, dtype=F64),
     "block_diag_stack": lambda heads: sm.BlockDiagonal(sm.Dense(2, 3, heads=(heads or 1) * 4, dtype=F64), heads=heads),
@@ -158,7 +162,9 @@ def _compositions() -> dict[str, tuple[sm.LinearOperator, list[sm.LinearOperator
         "transpose_of_sum": ((A + B).T, [A, B], lambda a, b: (a + b).mT),
         "scaled_transpose_product": (2.0 * (A @ C).T, [A, C], lambda a, c: 2.0 * (a @ c).mT),
         "kron_stack_single": (
-            sm.kron(F, D), [F, D], lambda f, d: torch.stack([torch.kron(f[h], d[h]) for h in range(H)])
+            sm.kron(F, D),
+            [F, D],
+            lambda f, d: torch.stack([torch.kron(f[h], d[h]) for h in range(H)]),
         ),
     }
 
@@ -225,8 +231,11 @@ def test_per_head_with_the_wrong_head_dim_raises(shape):
 def test_mixing_head_counts_raises():
     A = sm.LowRank(6, 6, rank=2, heads=2, dtype=F64)
     B = sm.BTT(6, 6, ranks=1, heads=3, dtype=F64)
-    with pytest.raises(ValueError, match=r"Sum: operands are stacks of different numbers of heads: "
-                                         r"LowRank\(6, 6, rank=2, heads=2\), BTT\(6, 6, ranks=\[1\], heads=3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Sum: operands are stacks of different numbers of heads: "
+        r"LowRank\(6, 6, rank=2, heads=2\), BTT\(6, 6, ranks=\[1\], heads=3\)",
+    ):
         A + B
     with pytest.raises(ValueError, match=r"Product: operands are stacks of different numbers of heads"):
         A @ B
@@ -244,8 +253,11 @@ def test_invalid_heads_raise(name, bad):
 
 
 def test_block_diagonal_heads_must_divide_the_stack():
-    with pytest.raises(ValueError, match=r"BlockDiagonal\(heads=4\): heads must be a positive int dividing the "
-                                         r"operand's 6 stacked operators"):
+    with pytest.raises(
+        ValueError,
+        match=r"BlockDiagonal\(heads=4\): heads must be a positive int dividing the "
+        r"operand's 6 stacked operators",
+    ):
         sm.BlockDiagonal(sm.Dense(2, 3, heads=6), heads=4)
     with pytest.raises(ValueError, match=r"BlockDiagonal\(heads=2\): heads needs one stacked operand"):
         sm.BlockDiagonal(sm.Dense(2, 3), heads=2)

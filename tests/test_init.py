@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import zoo
 
 import structmat as sm
-import zoo
 from structmat._factors import balanced_factors
 from structmat.init import spectral_std
 

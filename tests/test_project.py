@@ -82,8 +82,9 @@ CLOSED_FORMS = {
     "kron_3": lambda: sm.Kronecker.from_sizes((3, 4), (5, 2), (2, 3), dtype=F64),
     "kron_heads": lambda: sm.Kronecker.from_sizes((3, 4), (5, 2), heads=2, dtype=F64),
     "kron_lowrank_part": lambda: sm.kron(sm.LowRank(6, 5, 2, dtype=F64), dense(3, 4)),
-    "kron_btt_part": lambda: sm.kron(dense(2, 3), sm.BTT(12, 6, ranks=1, in_factors=(2, 3), out_factors=(3, 4),
-                                                        dtype=F64)),
+    "kron_btt_part": lambda: sm.kron(
+        dense(2, 3), sm.BTT(12, 6, ranks=1, in_factors=(2, 3), out_factors=(3, 4), dtype=F64)
+    ),
     "block_diagonal": lambda: sm.block_diag(
         sm.LowRank(6, 5, 2, dtype=F64),
         sm.BTT(12, 6, ranks=2, in_factors=(2, 3), out_factors=(3, 4), dtype=F64),
@@ -236,13 +237,25 @@ def _shared_block_diag():
 
 
 START_CASES = {
-    **{name: CLOSED_FORMS[name] for name in ("lowrank", "btt_s2", "monarch_3", "kron_3", "kron_lowrank_part",
-                                              "block_diagonal", "transpose", "nested")},
+    **{
+        name: CLOSED_FORMS[name]
+        for name in (
+            "lowrank",
+            "btt_s2",
+            "monarch_3",
+            "kron_3",
+            "kron_lowrank_part",
+            "block_diagonal",
+            "transpose",
+            "nested",
+        )
+    },
     "mlr": lambda: sm.MLR(24, 36, ranks=[2, 2, 1], blocks=[1, 2, 4], dtype=F64),
     "mlr_unequal": lambda: sm.MLR(10, 12, ranks=[2, 1], blocks=[1, [(4, 5), (6, 7)]], dtype=F64),
     "mlr_heads": lambda: sm.MLR(12, 16, ranks=[2, 1], blocks=[1, 2], heads=2, dtype=F64),
-    "multilevel_btt": lambda: sm.MultiLevel(24, 24, [sm.BlockLevel(sm.LowRank, rank=2),
-                                                     sm.BlockLevel(sm.BTT, blocks=2, ranks=1)], dtype=F64),
+    "multilevel_btt": lambda: sm.MultiLevel(
+        24, 24, [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.BTT, blocks=2, ranks=1)], dtype=F64
+    ),
     # the gradient fallback
     "sum": lambda: sm.LowRank(12, 10, 2, dtype=F64) + sm.BlockDiagonal.from_sizes(12, 10, nblocks=2, dtype=F64),
     "product": lambda: dense(12, 3) @ sm.Monarch(3, 3, nblocks=1, dtype=F64) @ dense(3, 10),
@@ -416,8 +429,11 @@ def test_errors():
         sm.project(A.T, like=op)
     with pytest.raises(ValueError, match=r"single operator \(no heads\) but A has a head axis: .* got \(3, 5, 7\)"):
         sm.project(torch.randn(3, 5, 7, dtype=F64), like=op)
-    with pytest.raises(ValueError, match=r"like is a stack of heads=3, so A must have shape "
-                                         r"\(heads, m, n\)=\(3, 5, 7\), got \(2, 5, 7\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"like is a stack of heads=3, so A must have shape "
+        r"\(heads, m, n\)=\(3, 5, 7\), got \(2, 5, 7\)",
+    ):
         sm.project(torch.randn(2, 5, 7, dtype=F64), like=stack)
     with pytest.raises(ValueError, match=r"stack of heads=3, .* got \(5, 7\)"):
         sm.project(A, like=stack)

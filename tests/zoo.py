@@ -52,8 +52,9 @@ ZOO: dict[str, Callable[[], sm.LinearOperator]] = {
     "tn_lowrank": lambda: lowrank_tn(5, 2, 7),
     "tn_blockdiag": lambda: tn("y[b,o] = W[b,o,i] x[b,i]", b=3, o=2, i=5),
     "tn_monarch": lambda: tn("y[c,d] = L[c,d,a] R[a,c,b] x[a,b]", a=2, b=3, c=4, d=5),
-    "tn_tt3": lambda: tn("y[o1,o2,o3] = A[o1,i1,p] B[p,o2,i2,q] C[q,o3,i3] x[i1,i2,i3]",
-                         o1=2, i1=3, p=2, o2=3, i2=2, q=3, o3=2, i3=2),
+    "tn_tt3": lambda: tn(
+        "y[o1,o2,o3] = A[o1,i1,p] B[p,o2,i2,q] C[q,o3,i3] x[i1,i2,i3]", o1=2, i1=3, p=2, o2=3, i2=2, q=3, o3=2, i3=2
+    ),
     "tn_ones_input": lambda: tn("y[o] = W[o,i] s[a] x[a,i]", o=4, i=3, a=2),
     # families (rectangular, distinct sizes; non-default factor splits where the family has them)
     "lowrank": lambda: sm.LowRank(7, 5, rank=2, dtype=F64),
@@ -65,13 +66,18 @@ ZOO: dict[str, Callable[[], sm.LinearOperator]] = {
     "mlr": lambda: sm.MLR(12, 8, ranks=[2, 1], blocks=[1, 4], dtype=F64),
     "mlr_unequal": lambda: sm.MLR(9, 7, ranks=[2, 1], blocks=[1, [(4, 3), (5, 4)]], dtype=F64),
     "multilevel": lambda: sm.MultiLevel(
-        12, 8,
-        [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.BTT, blocks=2, ranks=1),
-         sm.BlockLevel(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)])],
+        12,
+        8,
+        [
+            sm.BlockLevel(sm.LowRank, rank=2),
+            sm.BlockLevel(sm.BTT, blocks=2, ranks=1),
+            sm.BlockLevel(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)]),
+        ],
         dtype=F64,
     ),
     "multilevel_built": lambda: sm.MultiLevel(
-        12, 12,
+        12,
+        12,
         [sm.Kronecker.from_sizes((3, 3), (4, 4), dtype=F64), sm.BlockDiagonal(sm.Monarch(4, 4, 2, heads=3, dtype=F64))],
     ),
     "kron_from_sizes": lambda: sm.Kronecker.from_sizes((3, 2), (2, 5), dtype=F64),
@@ -82,10 +88,8 @@ ZOO: dict[str, Callable[[], sm.LinearOperator]] = {
     "difference": lambda: lowrank_tn(6, 1, 4) - dense(6, 4),
     "sum_of_sums": lambda: (dense(3, 4) + dense(3, 4)) + (sm.Identity(3) @ dense(3, 4)),
     "product_fused": lambda: dense(5, 3) @ dense(3, 7),
-    "product_refined": lambda: sm.kron(dense(6, 2), dense(5, 6))
-    @ tn("y[b,o] = W[b,o,i] x[b,i]", b=4, o=3, i=2),
-    "product_chained": lambda: sm.kron(dense(6, 2), dense(5, 6))
-    @ tn("y[b,o] = W[b,o,i] x[b,i]", b=3, o=4, i=2),
+    "product_refined": lambda: sm.kron(dense(6, 2), dense(5, 6)) @ tn("y[b,o] = W[b,o,i] x[b,i]", b=4, o=3, i=2),
+    "product_chained": lambda: sm.kron(dense(6, 2), dense(5, 6)) @ tn("y[b,o] = W[b,o,i] x[b,i]", b=3, o=4, i=2),
     "product_of_sum": lambda: (dense(4, 6) + dense(4, 6)) @ dense(6, 5),
     "product_with_gather": lambda: dense(5, 6) @ perm(6) @ diag(6),
     "diag_product": lambda: diag(5) @ dense(5, 7),
@@ -104,11 +108,10 @@ ZOO: dict[str, Callable[[], sm.LinearOperator]] = {
     "nested_kron_product": lambda: sm.block_diag(
         sm.kron(dense(2, 3), dense(3, 2)) @ (dense(6, 6) + sm.Identity(6)).T, 0.5 * perm(4)
     ),
-    "nested_sum_kron": lambda: sm.kron(lowrank_tn(3, 1, 2), sm.block_diag(diag(2), dense(3, 2)))
-    + 2.0 * dense(15, 8),
+    "nested_sum_kron": lambda: sm.kron(lowrank_tn(3, 1, 2), sm.block_diag(diag(2), dense(3, 2))) + 2.0 * dense(15, 8),
     "nested_transpose_chain": lambda: (
-        (dense(7, 4) @ sm.block_diag(dense(2, 3), dense(2, 2))) - sm.kron(dense(7, 1), dense(1, 5)).T.T
-    ).T,
+        ((dense(7, 4) @ sm.block_diag(dense(2, 3), dense(2, 2))) - sm.kron(dense(7, 1), dense(1, 5)).T.T).T
+    ),
 }
 
 

@@ -9,7 +9,6 @@ is a separate block for every value of the modes not yet read (``i_1 .. i_{N-k}`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import final
 
@@ -53,8 +52,16 @@ def btt_network(
     inputs = tuple(f"i{k}" for k in range(cores))
     outputs = tuple(f"o{k}" for k in range(cores))
     return define_network(
-        owner, factors, sizes, inputs, outputs, heads=heads, dtype=dtype, device=device,
-        exact_rank=cores == 2, where=where,
+        owner,
+        factors,
+        sizes,
+        inputs,
+        outputs,
+        heads=heads,
+        dtype=dtype,
+        device=device,
+        exact_rank=cores == 2,
+        where=where,
     )
 
 

@@ -49,8 +49,15 @@ class Dense(LinearOperator):
     ) -> None:
         super().__init__((m, n), check_heads("Dense", heads))
         self._network = define_network(
-            self, [("weight", ("o", "i"))], dict(o=m, i=n), ("i",), ("o",),
-            heads=heads, dtype=dtype, device=device, where=self.name,
+            self,
+            [("weight", ("o", "i"))],
+            dict(o=m, i=n),
+            ("i",),
+            ("o",),
+            heads=heads,
+            dtype=dtype,
+            device=device,
+            where=self.name,
         )
 
     @classmethod
@@ -68,8 +75,14 @@ class Dense(LinearOperator):
         LinearOperator.__init__(obj, (m, n), heads)
         check_float_dtype(obj.name, weight.dtype)
         obj._network = define_network(
-            obj, [("weight", ("o", "i"))], dict(o=m, i=n), ("i",), ("o",), heads=heads,
-            given={"weight": _as_parameter(weight, requires_grad)}, where=obj.name,
+            obj,
+            [("weight", ("o", "i"))],
+            dict(o=m, i=n),
+            ("i",),
+            ("o",),
+            heads=heads,
+            given={"weight": _as_parameter(weight, requires_grad)},
+            where=obj.name,
         )
         obj._node  # noqa: B018 - lower now, as the constructor does
         return obj

@@ -41,8 +41,10 @@ class Diagonal(LinearOperator):
         obj = cls.__new__(cls)
         LinearOperator.__init__(obj, (diag.shape[0], diag.shape[0]))
         check_float_dtype(obj.name, diag.dtype)
-        obj.diag = diag.requires_grad_(requires_grad) if isinstance(diag, torch.nn.Parameter) else torch.nn.Parameter(
-            diag, requires_grad=requires_grad
+        obj.diag = (
+            diag.requires_grad_(requires_grad)
+            if isinstance(diag, torch.nn.Parameter)
+            else torch.nn.Parameter(diag, requires_grad=requires_grad)
         )
         obj._node  # noqa: B018 - lower now, as the constructor does
         return obj

@@ -54,8 +54,15 @@ class LowRank(LinearOperator):
         if rank > min(m, n):
             raise ValueError(f"{where}: rank must be <= min(m, n) = {min(m, n)}, got {rank}")
         self._network = define_network(
-            self, [("U", ("o", "r")), ("V", ("r", "i"))], dict(o=m, r=rank, i=n), ("i",), ("o",),
-            heads=heads, dtype=dtype, device=device, where=where,
+            self,
+            [("U", ("o", "r")), ("V", ("r", "i"))],
+            dict(o=m, r=rank, i=n),
+            ("i",),
+            ("o",),
+            heads=heads,
+            dtype=dtype,
+            device=device,
+            where=where,
         )
 
     def _describe(self) -> tuple[str, str]:

@@ -58,8 +58,14 @@ class Monarch(LinearOperator):
         super().__init__((m, n), check_heads(where, heads))
         self.nblocks = nblocks
         self._network = btt_network(
-            self, (nblocks, n // nblocks), (nblocks, m // nblocks), (1,),
-            heads=heads, dtype=dtype, device=device, where=where,
+            self,
+            (nblocks, n // nblocks),
+            (nblocks, m // nblocks),
+            (1,),
+            heads=heads,
+            dtype=dtype,
+            device=device,
+            where=where,
         )
 
     def _describe(self) -> tuple[str, str]:

@@ -45,7 +45,8 @@ class BlockLevel:
         blocks: the number of equal contiguous diagonal blocks (it must divide ``m`` and ``n``), or the explicit
             ``(rows, cols)`` of each block, summing to ``(m, n)``.
         **options: passed to ``family`` for every block (``rank=4``, ``ranks=2``, ``nblocks=4`` …); an option that
-            shares a name with ``BlockLevel``'s own arguments (``blocks`` of an ``MLR`` block) needs a ``lambda`` family.
+            shares a name with ``BlockLevel``'s own arguments (``blocks`` of an ``MLR`` block) needs a ``lambda``
+            family.
 
     Example:
         >>> import structmat as sm
@@ -85,8 +86,12 @@ def _partition(where: str, level: int, m: int, n: int, blocks: object) -> Partit
     for j, pair in enumerate(blocks):
         if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise TypeError(f"{where}: blocks[{level}][{j}] must be a (rows, cols) pair, got {pair!r}")
-        out.append((check_int(where, f"blocks[{level}][{j}] rows", pair[0]),
-                    check_int(where, f"blocks[{level}][{j}] cols", pair[1])))
+        out.append(
+            (
+                check_int(where, f"blocks[{level}][{j}] rows", pair[0]),
+                check_int(where, f"blocks[{level}][{j}] cols", pair[1]),
+            )
+        )
     rows, cols = sum(p for p, _ in out), sum(q for _, q in out)
     if (rows, cols) != (m, n):
         raise ValueError(
@@ -245,7 +250,9 @@ class MultiLevel(LinearOperator):
         built = [lv for lv in levels if isinstance(lv, LinearOperator)]
         for k, lv in enumerate(levels):
             if not isinstance(lv, (BlockLevel, LinearOperator)):
-                raise TypeError(f"{where}: levels[{k}] must be a BlockLevel or a LinearOperator, got {type(lv).__name__}")
+                raise TypeError(
+                    f"{where}: levels[{k}] must be a BlockLevel or a LinearOperator, got {type(lv).__name__}"
+                )
             if isinstance(lv, LinearOperator) and lv.shape != (m, n):
                 raise ValueError(f"{where}: levels[{k}] is {lv.name}; every level must have shape ({m}, {n})")
         if heads is None and built:

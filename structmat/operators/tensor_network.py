@@ -39,13 +39,15 @@ def _parse(spec: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
             if not rhs[pos:].strip():
                 break
             raise ValueError(
-                f"{where}: expected a term like F[a,b] at position {offset + pos}, found {rhs[pos:pos + 12]!r}"
+                f"{where}: expected a term like F[a,b] at position {offset + pos}, found {rhs[pos : pos + 12]!r}"
             )
         terms.append((match.group(1), _labels(where, match.group(1), match.group(2))))
         pos = match.end()
     names = [name for name, _ in terms]
     if names.count("x") != 1:
-        raise ValueError(f"{where}: the right side must hold the input x[labels] exactly once, found {names.count('x')}")
+        raise ValueError(
+            f"{where}: the right side must hold the input x[labels] exactly once, found {names.count('x')}"
+        )
     for name in names:
         if name == "y":
             raise ValueError(f"{where}: y is the output and cannot be a factor")
@@ -167,9 +169,7 @@ class TensorNetwork(LinearOperator):
             raise ValueError(f"{where}: the given factors are on different devices {sorted(map(str, devices))}")
         if dtype is not None and dtypes and dtype not in dtypes:
             raise TypeError(f"{where}: the given factors have dtype {dtypes.pop()} but dtype={dtype} was asked")
-        super().__init__(
-            (math.prod(known[lab][0] for lab in out), math.prod(known[lab][0] for lab in x_labels)), heads
-        )
+        super().__init__((math.prod(known[lab][0] for lab in out), math.prod(known[lab][0] for lab in x_labels)), heads)
         taken = set(dir(self)) | {"spec"}  # dir() lists properties without running them
         for name in names:
             if name in taken:

@@ -61,8 +61,15 @@ class TensorTrain(LinearOperator):
         sizes.update({f"o{k}": fout[k] for k in range(parts)})
         factors = [(f"core{k}", (f"r{k}", f"o{k}", f"i{k}", f"r{k + 1}")) for k in range(parts)]
         self._network = define_network(
-            self, factors, sizes, tuple(f"i{k}" for k in range(parts)), tuple(f"o{k}" for k in range(parts)),
-            heads=heads, dtype=dtype, device=device, where=where,
+            self,
+            factors,
+            sizes,
+            tuple(f"i{k}" for k in range(parts)),
+            tuple(f"o{k}" for k in range(parts)),
+            heads=heads,
+            dtype=dtype,
+            device=device,
+            where=where,
         )
 
     def _describe(self) -> tuple[str, str]:
