@@ -6,6 +6,8 @@ queries, keys and values from x and returns (B, H, T, d_v) (no output projection
 - ``ours``: ``structured_attention(x, x, v, levels)`` with L levels of block sizes T / 2^l, each a stack of LowRank
   operators (d_model x d_model) whose ranks split the head dim (sum r_l = d_head): one score matrix, blocked levels
   add into its diagonal blocks.
+- ``ours-streamed``: the same with ``method="streamed", key_block=256`` (online softmax over key blocks; the backward
+  recomputes each tile, so no (T, T) matrix is held in training either).
 - ``sdpa``: standard attention of head dim d_head: q = x W_q, k = x W_k, then
   ``torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)``.
 - ``paper``: the paper's way: every level's full (T, T) score matrix q_l k_l^T, multiplied by its block mask, L
@@ -50,7 +52,8 @@ def ranks_sum(ranks: list[int]) -> int:
 
 def ours(x: torch.Tensor, levels: list[Level], wv: sm.LinearOperator, method: str = "auto") -> torch.Tensor:
     v = wv(x).movedim(-2, -3)  # (B, H, T, d_v)
-    return structured_attention(x, x, v, levels, causal=True, scale="sqrt", method=method)
+    key_block = 256 if method == "streamed" else None
+    return structured_attention(x, x, v, levels, causal=True, scale="sqrt", method=method, key_block=key_block)
 
 
 def paper_style(x: torch.Tensor, levels: list[Level], wv: sm.LinearOperator) -> torch.Tensor:
@@ -80,8 +83,10 @@ def sdpa(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: sm.LinearOpera
 def make(method: str, T: int, d_model: int, heads: int, ranks: list[int], batch: int):
     levels, wv = build(T, d_model, heads, ranks, torch.float32)
     x = torch.randn(batch, T, d_model, requires_grad=True)
-    if method in ("ours", "ours-scores"):
-        return lambda: ours(x, levels, wv, "auto" if method == "ours" else "scores")
+    if method.startswith("ours"):
+        return lambda: ours(
+            x, levels, wv, {"ours": "auto", "ours-scores": "scores", "ours-streamed": "streamed"}[method]
+        )
     if method == "paper":
         return lambda: paper_style(x, levels, wv)
     d_head = sum(ranks)
@@ -100,11 +105,11 @@ def check_correctness() -> None:
         levels, wv = build(T, 24, 3, [4, 2, 2], torch.float64, seed=1)
         x = torch.randn(2, T, 24, dtype=torch.float64)
         b = paper_style(x, levels, wv)
-        for method in ("auto", "scores", "sdpa"):
+        for method in ("auto", "scores", "sdpa", "streamed"):
             err = (ours(x, levels, wv, method) - b).abs().max().item()
             if err > 1e-10:
                 raise SystemExit(f"correctness check failed at T={T}, {method}: max |ours - paper| = {err:.3e}")
-    print("correctness: ours (auto, scores, sdpa) == paper-style (float64, T = 32, 48): ok")
+    print("correctness: ours (auto, scores, sdpa, streamed) == paper-style (float64, T = 32, 48): ok")
 
 
 def time_method(method: str, T: int, args: argparse.Namespace) -> float:
@@ -182,14 +187,14 @@ def main() -> None:
         f"MLR levels L={L} with ranks {args.ranks} and blocks T/2^l; forward+backward; "
         f"threads={torch.get_num_threads()}"
     )
-    methods = ("ours", "ours-scores", "sdpa", "paper")
+    methods = ("ours", "ours-scores", "ours-streamed", "sdpa", "paper")
     print("ms: median forward+backward time; MiB: peak RSS growth in a fresh process")
     print(
         f"{'T':>6}"
         + "".join(f" {m + ' ms':>16}" for m in methods)
         + f" {'ours/sdpa':>10} {'scores/sdpa':>12}"
         + "".join(f" {m + ' MiB':>17}" for m in methods)
-        + f" {'mem ours/paper':>15} {'scores/paper':>13}"
+        + f" {'mem ours/paper':>15} {'scores/paper':>13} {'streamed/paper':>15}"
     )
     for T in args.T:
         t = {m: time_method(m, T, args) for m in methods}
@@ -200,6 +205,7 @@ def main() -> None:
             + f" {t['ours'] / t['sdpa']:>10.2f} {t['ours-scores'] / t['sdpa']:>12.2f}"
             + "".join(f" {mem[m]:>17.1f}" for m in methods)
             + f" {mem['ours'] / mem['paper']:>15.3f} {mem['ours-scores'] / mem['paper']:>13.3f}"
+            + f" {mem['ours-streamed'] / mem['paper']:>15.3f}"
         )
     print(f"goals: time ours/sdpa <= 1.0; memory ours/paper <= 1/L = {1 / L:.3f}")
 

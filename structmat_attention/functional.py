@@ -12,7 +12,7 @@ Standard attention is one global level with ``W = W_Q^T W_K`` (``LowRank``); Bil
 
 Memory: the scores of every level accumulate, in place, into ONE ``(T_q, T_k)`` matrix per head (a blocked level
 only touches its diagonal blocks). :func:`structured_attention` with ``key_block=B`` instead streams over key blocks
-with an online softmax and never holds more than ``(T_q, B)`` scores per head.
+with an online softmax and never holds more than ``(T_q, B)`` scores per head, forward or backward.
 """
 
 from __future__ import annotations
@@ -390,7 +390,8 @@ def structured_attention(
         q_offset: absolute position of the first query (for decoding with a KV cache).
         qk_norm: layer-normalize query and key features.
         key_block: stream over blocks of this many keys with an online softmax (peak memory ``O(T_q · key_block)``
-            per head instead of ``O(T_q · T_k)``).
+            per head instead of ``O(T_q · T_k)``, in the backward too: it recomputes each tile from the features
+            and the saved log-sum-exp).
         method: ``"scores"``: one (T_q, T_k) score matrix per head, levels accumulated into it in place;
             ``"sdpa"``: torch's fused ``scaled_dot_product_attention`` on features whose plain dot product is the
             multi-level score (a blocked level spreads its r_l features over one slot per block, width
@@ -556,45 +557,93 @@ def _sdpa_core(
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
 
 
+def _block_scores(
+    feats: list, t_q: int, k0: int, k1: int, causal: bool, mask: torch.Tensor | None, q_offset: int
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Scores of every query against keys ``k0 .. k1 - 1`` (masked), and each level's pair mask there."""
+    qpos = torch.arange(t_q, device=feats[0][1].device) + q_offset
+    kpos = torch.arange(k0, k1, device=qpos.device)
+    s = None
+    nears = []
+    for lv, q, k, c in feats:
+        part = torch.matmul(q, k[..., k0:k1, :].mT)
+        near = lv.pair_mask(qpos, kpos)
+        near = near.to(part.dtype) if near is not None else None
+        nears.append(near)
+        if near is not None:
+            part = part * near
+        if c != 1.0:
+            part = part * c
+        s = part if s is None else s + part
+    sub_mask = None
+    if mask is not None:
+        sub_mask = mask[..., k0:k1] if mask.shape[-1] != 1 else mask
+    return _mask_scores(s, causal, sub_mask, q_offset, k0), nears
+
+
+class _Streamed(torch.autograd.Function):
+    """Online softmax over key blocks, forward and backward: neither holds more than one ``(T_q, key_block)`` tile
+    of scores per head (the backward recomputes each tile from the features and the saved log-sum-exp, as flash
+    attention does). The mask is a constant: no gradient flows to it."""
+
+    @staticmethod
+    def forward(ctx, setup, v, *qk):  # type: ignore[override]
+        levels, scales, t_q, t_k, causal, mask, q_offset, kb = setup
+        feats = [(lv, qk[2 * i], qk[2 * i + 1], c) for i, (lv, c) in enumerate(zip(levels, scales))]
+        running_max = denom = acc = None
+        for k0 in range(0, t_k, kb):
+            k1 = min(k0 + kb, t_k)
+            s, _ = _block_scores(feats, t_q, k0, k1, causal, mask, q_offset)
+            block_max = s.amax(dim=-1, keepdim=True)
+            new_max = block_max if running_max is None else torch.maximum(running_max, block_max)
+            safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+            p = torch.exp(s - safe)
+            vb = v[..., k0:k1, :]
+            if acc is None:
+                denom, acc = p.sum(dim=-1, keepdim=True), torch.matmul(p, vb)
+            else:
+                old = torch.exp(torch.where(torch.isfinite(running_max), running_max, safe) - safe)
+                denom = denom * old + p.sum(dim=-1, keepdim=True)
+                acc = acc * old + torch.matmul(p, vb)
+            running_max = new_max
+        safe = torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
+        lse = torch.where(denom > 0, safe + torch.log(denom), torch.full_like(denom, float("-inf")))
+        out = torch.where(denom > 0, acc / denom.clamp_min(torch.finfo(acc.dtype).tiny), torch.zeros_like(acc))
+        ctx.setup = setup
+        ctx.save_for_backward(v, out, lse, *qk)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        levels, scales, t_q, t_k, causal, mask, q_offset, kb = ctx.setup
+        v, out, lse, *qk = ctx.saved_tensors
+        feats = [(lv, qk[2 * i], qk[2 * i + 1], c) for i, (lv, c) in enumerate(zip(levels, scales))]
+        lead = dout.shape[:-2]
+        grads = [x.new_zeros(*lead, *x.shape[-2:]) for x in qk]
+        dv = v.new_zeros(*lead, *v.shape[-2:])
+        delta = (dout * out).sum(-1, keepdim=True)
+        live = torch.isfinite(lse)
+        lse0 = torch.where(live, lse, torch.zeros_like(lse))
+        for k0 in range(0, t_k, kb):
+            k1 = min(k0 + kb, t_k)
+            s, nears = _block_scores(feats, t_q, k0, k1, causal, mask, q_offset)
+            p = torch.where(live, torch.exp(s - lse0), torch.zeros_like(s))
+            dv[..., k0:k1, :] += torch.matmul(p.mT, dout)
+            ds = p * (torch.matmul(dout, v[..., k0:k1, :].mT) - delta)
+            for i, ((_, q, k, c), near) in enumerate(zip(feats, nears)):
+                g = ds * near if near is not None else ds
+                if c != 1.0:
+                    g = g * c
+                grads[2 * i] += torch.matmul(g, k[..., k0:k1, :])
+                grads[2 * i + 1][..., k0:k1, :] += torch.matmul(g.mT, q)
+        grads = [_reduce_to(g, x.shape) for g, x in zip(grads, qk)]
+        return (None, _reduce_to(dv, v.shape), *grads)
+
+
 def _streamed(
     feats: list, v: torch.Tensor, t_q: int, t_k: int, causal: bool, mask: torch.Tensor | None, q_offset: int, kb: int
 ) -> torch.Tensor:
-    """Online softmax over key blocks of ``kb`` keys: scores for one block at a time."""
-    running_max = None
-    denom = None
-    acc = None
-    for k0 in range(0, t_k, kb):
-        k1 = min(k0 + kb, t_k)
-        block = []
-        for lv, q, k, c in feats:
-            block.append((lv, q, k[..., k0:k1, :], c))
-        lead = torch.broadcast_shapes(*(q.shape[:-2] for _, q, _, _ in block), *(k.shape[:-2] for _, _, k, _ in block))
-        s = block[0][1].new_zeros(*lead, t_q, k1 - k0)
-        for lv, q, k, c in block:
-            part = torch.matmul(q, k.mT)
-            near = lv.pair_mask(torch.arange(t_q, device=s.device) + q_offset, torch.arange(k0, k1, device=s.device))
-            if near is not None:
-                part = part * near.to(part.dtype)
-            s = s + part * c if c != 1.0 else s + part
-        sub_mask = None
-        if mask is not None:
-            sub_mask = mask[..., k0:k1] if mask.shape[-1] != 1 else mask
-        s = _mask_scores(s, causal, sub_mask, q_offset, k0)
-        block_max = s.amax(dim=-1, keepdim=True)
-        if running_max is None:
-            new_max = block_max
-        else:
-            new_max = torch.maximum(running_max, block_max)
-        safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-        p = torch.exp(s - safe)
-        vb = v[..., k0:k1, :]
-        if acc is None:
-            denom = p.sum(dim=-1, keepdim=True)
-            acc = torch.matmul(p, vb)
-        else:
-            old = torch.exp(torch.where(torch.isfinite(running_max), running_max, safe) - safe)
-            denom = denom * old + p.sum(dim=-1, keepdim=True)
-            acc = acc * old + torch.matmul(p, vb)
-        running_max = new_max
-    out = acc / denom
-    return torch.nan_to_num(out, nan=0.0)
+    """Online softmax over key blocks of ``kb`` keys (see :class:`_Streamed`)."""
+    setup = ([f[0] for f in feats], [f[3] for f in feats], t_q, t_k, causal, mask, q_offset, kb)
+    qk = [x for f in feats for x in (f[1], f[2])]
+    return _Streamed.apply(setup, v, *qk)
