@@ -203,3 +203,13 @@ def test_cost_on_meta_device_low_rank():
     op = sm.Dense(10**6, 4, device="meta") @ sm.Dense(4, 10**6, device="meta")
     assert op.cost(batch=5).flops == 2 * 5 * 4 * 2 * 10**6
     assert op.rank().bound == 4 and op.rank().exact
+
+
+def test_many_part_kronecker_plans_quickly_and_exactly():
+    # 16 parts: the exact path searches would take minutes; the greedy one contracts x with one part at a time.
+    # Each step sums over one input index of size 2 for each of the 2^16 output entries (15 untouched modes, the
+    # part's output index, batch 1): 2^17 index combinations, a multiply-add each = 2 * 2^17 flops; 16 steps.
+    op = sm.kron(*[sm.Dense(2, 2) for _ in range(16)])
+    c = op.cost(1)
+    assert c.flops == 16 * 2 * 2**17
+    assert len(c.contractions) == 1 and len(c.contractions[0].path) == 16
