@@ -80,7 +80,11 @@ class LinearOperator(torch.nn.Module):
     def _node(self) -> Node:
         node = self.__dict__.get("_lowered")
         if node is None:
-            node = self.__dict__["_lowered"] = self._lower()
+            try:
+                node = self._lower()
+            except ValueError as err:
+                raise ValueError(f"{self.name}: {err}") from None
+            self.__dict__["_lowered"] = node
         return node
 
     # -- basic facts -------------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["Factor", "Network", "fuse", "kron_networks", "refine"]
+__all__ = ["Factor", "Network", "fuse", "kron_networks", "refine", "MAX_LABELS"]
+
+MAX_LABELS = 51  # torch's einsum takes the 52 letters a-z, A-Z; one of them is the batch
 
 Mode = tuple[int, int]  # (label, size)
 

@@ -24,7 +24,7 @@ import opt_einsum as oe
 import torch
 
 from ._cost import Contraction, Cost, Rank
-from ._network import Network, fuse, kron_networks
+from ._network import MAX_LABELS, Network, fuse, kron_networks
 
 __all__ = [
     "Node",
@@ -116,6 +116,11 @@ class NetNode(Node):
     """One tensor network, contracted by one einsum along a path planned once per batch size."""
 
     def __init__(self, network: Network) -> None:
+        count = len(network.labels())
+        if count > MAX_LABELS:
+            raise ValueError(
+                f"its tensor network has {count} labels; one einsum takes at most {MAX_LABELS} (besides the batch)"
+            )
         self.network = network
         self.m, self.n = network.m, network.n
         self.heads = network.head[1] if network.head is not None else None
@@ -469,7 +474,7 @@ def compose(nodes: list[Node]) -> Node:
     for node in flat:
         if out and isinstance(out[-1], NetNode) and isinstance(node, NetNode):
             fused = fuse(out[-1].network, node.network)
-            if fused is not None:
+            if fused is not None and len(fused.labels()) <= MAX_LABELS:  # else: chain
                 out[-1] = NetNode(fused)
                 continue
         out.append(node)
@@ -487,7 +492,9 @@ def add(nodes: list[Node]) -> Node:
 def kron(nodes: list[Node]) -> Node:
     """``nodes[0] ⊗ nodes[1] ⊗ ...``: one network when every part is one, else a :class:`KronNode`."""
     if all(isinstance(nd, NetNode) for nd in nodes):
-        return NetNode(kron_networks([nd.network for nd in nodes]))  # type: ignore[attr-defined]
+        net = kron_networks([nd.network for nd in nodes])  # type: ignore[attr-defined]
+        if len(net.labels()) <= MAX_LABELS:
+            return NetNode(net)
     flat: list[Node] = []
     for node in nodes:
         flat.extend(node.children if isinstance(node, KronNode) else [node])

@@ -595,3 +595,11 @@ def test_factor_with_an_empty_summed_axis():
     # (an operator of rank 0 with no parameters). It should be the same error, naming the label.
     with pytest.raises(ValueError, match=where(LOWRANK) + r": .*label 'r'.*0"):
         tn(LOWRANK, factors=dict(U=torch.randn(3, 0), V=torch.randn(0, 5)))
+
+
+def test_tensor_network_with_too_many_labels_is_rejected_at_construction():
+    # 55 factors in a chain: labels o, a1..a55 = 56 > 51 (torch's einsum has 52 letters, one is the batch)
+    spec = "y[o] = F0[o,a1] " + " ".join(f"F{k}[a{k},a{k + 1}]" for k in range(1, 55)) + " x[a55]"
+    sizes = {"o": 2, **{f"a{k}": 2 for k in range(1, 56)}}
+    with pytest.raises(ValueError, match=r"TensorNetwork\(2, 2\): its tensor network has 56 labels; one einsum"):
+        sm.TensorNetwork(spec, sizes=sizes)

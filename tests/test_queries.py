@@ -272,3 +272,17 @@ def test_gradients_reach_the_parameters():
     # d/dU sum(U V x) = 1 (V x)^T summed over the batch
     torch.testing.assert_close(u.weight.grad, torch.ones(4, 5, dtype=F64).T @ (x @ v.weight.detach().T))
     assert v.weight.grad is not None and v.weight.grad.shape == (3, 7)
+
+
+def test_kronecker_beyond_one_einsum_falls_back_to_parts():
+    # 3 parts of (2, 3) and 30 of (1, 1): 66 labels, more than one einsum takes (51 besides the batch), so the
+    # product is applied part by part (a KronNode) instead of failing
+    parts = [sm.Dense(2, 3, dtype=F64) for _ in range(3)] + [sm.Dense(1, 1, dtype=F64) for _ in range(30)]
+    op = sm.kron(*parts)
+    assert type(op._node).__name__ == "KronNode"
+    ref = parts[0].weight.detach()
+    for p in parts[1:]:
+        ref = torch.kron(ref, p.weight.detach())
+    x = torch.randn(4, 27, dtype=F64)
+    torch.testing.assert_close(op(x), x @ ref.T)
+    assert op.cost(4).flops > 0
