@@ -181,6 +181,8 @@ class LinearOperator(torch.nn.Module):
             if x.numel() == 0:
                 return x.new_zeros(*lead, heads, m)
             return self._node.apply(x.reshape(-1, heads, n)).reshape(*lead, heads, m)
+        if x.ndim == 2 and heads is None and x.shape[0]:  # (B, n) -> (B, m): no reshapes
+            return self._node.apply(x)
         lead = x.shape[:-1]
         out = (*lead, heads, m) if heads is not None else (*lead, m)
         if x.numel() == 0:

@@ -182,7 +182,7 @@ class NetNode(Node):
             return self.apply(x.reshape(-1, self.n)).reshape(batch, x.shape[1], self.m)
         per_head = x.ndim == 3
         plan = _plan_of(self, batch, per_head)
-        operands = [x.reshape(*x.shape[:-1], *self._in_shape)]
+        operands = [x if len(self._in_shape) == 1 else x.reshape(*x.shape[:-1], *self._in_shape)]
         for fa in self.network.factors:
             t = fa.fetch()
             if t.dtype != x.dtype:  # only reachable under autocast: the operator checks dtypes otherwise
@@ -195,10 +195,12 @@ class NetNode(Node):
             y = _einsum(plan.equation, operands, path=plan.path)
         elif plan.expression is not None:
             y = plan.expression(*operands, backend="torch")
-        else:
-            y = torch.einsum(plan.equation, *operands)
+        else:  # one or two operands: nothing to order
+            y = _einsum(plan.equation, operands)
         if scale != 1.0 and self._scale_at < 0:
             y = y * scale
+        if y.ndim == 2 + (self.heads is not None):  # already (B, [H,] m)
+            return y
         return y.reshape(batch, self.heads, self.m) if self.heads is not None else y.reshape(batch, self.m)
 
     def cost(self, batch: int, h: int = 0) -> Cost:
