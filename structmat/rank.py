@@ -9,7 +9,7 @@ from ._base import LinearOperator
 __all__ = ["numerical_rank"]
 
 
-def numerical_rank(op: LinearOperator, rtol: float | None = None) -> int:
+def numerical_rank(op: LinearOperator, rtol: float | None = None) -> int | list[int]:
     """Rank of ``op`` with its current parameter values.
 
     The structural bound ``r = op.rank().bound`` (the width of the network's minimal cut) says the range of ``op``
@@ -25,7 +25,7 @@ def numerical_rank(op: LinearOperator, rtol: float | None = None) -> int:
             (as ``torch.linalg.matrix_rank``).
 
     Returns:
-        The number of singular values above the tolerance.
+        The number of singular values above the tolerance; for a stack of H heads, a list of H such numbers.
 
     Example:
         >>> import torch, structmat as sm
@@ -46,14 +46,16 @@ def numerical_rank(op: LinearOperator, rtol: float | None = None) -> int:
     dtype = op.dtype or torch.get_default_dtype()
     with torch.no_grad():
         if bound >= min(m, n):
-            s = torch.linalg.svdvals(op.dense())
+            s = torch.linalg.svdvals(op.dense())  # (min(m, n),) or (H, min(m, n))
         else:
             gen = torch.Generator(device=op.device).manual_seed(0)
             omega = torch.randn(n, bound, dtype=dtype, device=op.device, generator=gen)
-            q, _ = torch.linalg.qr(op @ omega)
-            s = torch.linalg.svdvals(op.T @ q)
-    if s.numel() == 0:
-        return 0
+            q, _ = torch.linalg.qr(op @ omega)  # (m, r) or (H, m, r)
+            if op.heads is None:
+                s = torch.linalg.svdvals(op.T @ q)
+            else:  # head h's transpose on head h's basis: (r, H, m) -> (r, H, n)
+                s = torch.linalg.svdvals(op.T(q.permute(2, 0, 1), per_head=True).permute(1, 0, 2))
     if rtol is None:
         rtol = max(m, n) * torch.finfo(s.dtype).eps
-    return int((s > rtol * s.max()).sum())
+    counts = (s > rtol * s.amax(dim=-1, keepdim=True)).sum(dim=-1)
+    return counts.tolist() if op.heads is not None else int(counts)

@@ -286,3 +286,14 @@ def test_kronecker_beyond_one_einsum_falls_back_to_parts():
     x = torch.randn(4, 27, dtype=F64)
     torch.testing.assert_close(op(x), x @ ref.T)
     assert op.cost(4).flops > 0
+
+
+def test_numerical_rank_of_a_stack_is_per_head():
+    A = sm.LowRank(50, 40, rank=3, heads=2, dtype=F64)  # thin cut: the sketch path
+    with torch.no_grad():
+        A.U[1, :, 2] = 0.0  # head 1 loses a direction
+    assert sm.numerical_rank(A) == [int(torch.linalg.matrix_rank(d)) for d in A.dense()] == [3, 2]
+    B = sm.Dense(5, 4, heads=3, dtype=F64)  # full cut: the dense path
+    with torch.no_grad():
+        B.weight[2, :, 0] = 0.0
+    assert sm.numerical_rank(B) == [4, 4, 3]
