@@ -297,3 +297,22 @@ def test_numerical_rank_of_a_stack_is_per_head():
     with torch.no_grad():
         B.weight[2, :, 0] = 0.0
     assert sm.numerical_rank(B) == [4, 4, 3]
+
+
+def test_pickle_and_deepcopy_keep_the_structure_and_own_their_parameters():
+    import copy
+    import io
+
+    op = sm.LowRank(6, 5, rank=2, dtype=F64) + sm.Permutation([1, 0, 2, 4, 3, 5]) @ sm.Dense(6, 5, dtype=F64)
+    x = torch.randn(3, 5, dtype=F64)
+    y = op(x)
+    buf = io.BytesIO()
+    torch.save(op, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(op)):
+        torch.testing.assert_close(other(x), y)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(1.0)
+        assert not torch.allclose(other(x), y)  # the copy's networks read the copy's parameters
+        torch.testing.assert_close(op(x), y)  # and the original is untouched
