@@ -389,17 +389,17 @@ class KronNode(Node):
         self.children = list(children)
         self.m = math.prod(c.m for c in children)
         self.n = math.prod(c.n for c in children)
+        self._order = []  # (left, part, right), the last part first: structure, so computed once
+        for k in reversed(range(len(self.children))):
+            left = math.prod(c.n for c in self.children[:k])
+            right = math.prod(c.m for c in self.children[k + 1 :])
+            self._order.append((left, self.children[k], right))
 
     def networks(self) -> list[Network]:
         return [net for c in self.children for net in c.networks()]
 
     def _steps(self) -> list[tuple[int, Node, int]]:
-        steps = []
-        for k in reversed(range(len(self.children))):
-            left = math.prod(c.n for c in self.children[:k])
-            right = math.prod(c.m for c in self.children[k + 1 :])
-            steps.append((left, self.children[k], right))
-        return steps
+        return self._order
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

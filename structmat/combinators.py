@@ -15,6 +15,7 @@ import torch
 
 from . import _nodes
 from ._base import LinearOperator, check_compatible
+from ._family import check_heads
 from ._nodes import Node
 
 __all__ = ["Sum", "Product", "Transpose", "Kronecker", "BlockDiagonal", "Scaled", "kron", "block_diag"]
@@ -229,8 +230,7 @@ class BlockDiagonal(LinearOperator):
                 raise ValueError(f"{where}: {what} must be a positive int, got {v!r}")
         if m % nblocks or n % nblocks:
             raise ValueError(f"{where}: nblocks must divide m={m} and n={n}")
-        if heads is not None and (isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1):
-            raise ValueError(f"{where}: heads must be None or an int >= 1, got {heads!r}")
+        heads = check_heads(where, heads)
         stack = nblocks * (heads or 1)
         return cls(Dense(m // nblocks, n // nblocks, heads=stack, dtype=dtype, device=device), heads=heads)
 
