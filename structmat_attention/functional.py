@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -81,18 +80,6 @@ class Level:
         return None
 
 
-_SPLITS: weakref.WeakKeyDictionary[sm.LinearOperator, tuple[sm.LinearOperator, sm.LinearOperator]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _split(op: sm.LinearOperator) -> tuple[sm.LinearOperator, sm.LinearOperator]:
-    parts = _SPLITS.get(op)
-    if parts is None:
-        parts = _SPLITS[op] = sm.bilinear_split(op)
-    return parts
-
-
 def _as_levels(levels: sm.LinearOperator | Level | Sequence[Level], where: str) -> list[Level]:
     if isinstance(levels, sm.LinearOperator):
         return [Level(None, levels)]
@@ -111,7 +98,7 @@ def _side(op: sm.LinearOperator, x: torch.Tensor) -> torch.Tensor:
 
 def level_features(level: Level, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Query and key features of one level: ``(L x_q, R x_k)``, each ``(..., [H,] T, r)``."""
-    left, right = _split(level.op)
+    left, right = sm.bilinear_split(level.op)  # computed once, kept on the operator
     return _side(left, x_q), _side(right, x_k)
 
 

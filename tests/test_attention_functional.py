@@ -264,3 +264,77 @@ def test_sdpa_method_rejects_windows():
         structured_attention(x, x, x, [Level(None, W, window=2)], method="sdpa")
     with pytest.raises(ValueError, match="method must be 'auto', 'sdpa', 'scores' or 'streamed', got 'fast'"):
         structured_attention(x, x, x, W, method="fast")
+
+
+# -- the split is kept on the operator (issue 8, item 8) -------------------------------------------------------------
+
+
+def test_operator_used_in_attention_is_freed():
+    import gc
+    import weakref
+
+    W = lowrank(6, 2, heads=2)
+    levels = [Level(None, W), Level(3, sm.Dense(6, 6, heads=2, dtype=F64))]
+    x, v = torch.randn(5, 6, dtype=F64), torch.randn(2, 5, 3, dtype=F64)
+    structured_attention(x, x, v, levels).sum().backward()
+    refs = [weakref.ref(lv.op) for lv in levels]
+    del W, levels
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
+def test_split_is_kept_on_the_operator_outside_its_state():
+    W = sm.LowRank(7, 5, rank=2, dtype=F64) + sm.LowRank(7, 5, rank=1, dtype=F64)
+    keys, params, modules = list(W.state_dict()), list(W.parameters()), list(W.modules())
+    L, R = sm.bilinear_split(W)
+    again = sm.bilinear_split(W)
+    assert again[0] is L and again[1] is R  # computed once
+    assert list(W.state_dict()) == keys
+    assert list(W.parameters()) == params and list(W.modules()) == modules
+    x, y = torch.randn(4, 7, dtype=F64), torch.randn(4, 5, dtype=F64)
+    with torch.no_grad():
+        for p in W.parameters():
+            p.mul_(-2.0)  # the kept split reads the current parameters
+    torch.testing.assert_close(torch.einsum("ir,jr->ij", L(x), R(y)), x @ W.dense() @ y.T)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_compute_their_own_split(how):
+    import copy
+    import io
+
+    W = lowrank(6, 2, heads=3)
+    L, R = sm.bilinear_split(W)
+    if how == "deepcopy":
+        W2 = copy.deepcopy(W)
+    else:
+        buf = io.BytesIO()
+        torch.save(W, buf)
+        buf.seek(0)
+        W2 = torch.load(buf, weights_only=False)
+    L2, R2 = sm.bilinear_split(W2)
+    assert L2 is not L and R2 is not R
+    x = torch.randn(4, 6, dtype=F64)
+    before = L(x)
+    with torch.no_grad():
+        W2.U.add_(1.0)
+    torch.testing.assert_close(L(x), before)  # the original's split reads the original
+    torch.testing.assert_close(L2(x), torch.einsum("tm,hmr->thr", x, W2.U))
+    torch.testing.assert_close(
+        torch.einsum("tm,hmn,sn->hts", x, W2.dense(), x), L2(x).movedim(-2, -3) @ R2(x).movedim(-2, -3).mT
+    )
+
+
+def test_split_under_torch_compile():
+    W = lowrank(6, 2, heads=2)
+    x = torch.randn(4, 6, dtype=F64)
+
+    def scores(x):
+        L, R = sm.bilinear_split(W)
+        return L(x).movedim(-2, -3) @ R(x).movedim(-2, -3).mT
+
+    expected = torch.einsum("tm,hmn,sn->hts", x, W.dense(), x)
+    torch.testing.assert_close(torch.compile(scores, backend="eager")(x), expected)  # first call: computed eagerly
+    assert sm.bilinear_split(W) is sm.bilinear_split(W)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(scores, backend="eager", fullgraph=True)(x), expected)  # kept: traced
