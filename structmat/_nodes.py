@@ -181,14 +181,13 @@ class NetNode(Node):
         if x.ndim == 3 and self.heads is None:  # one operator for every head: fold the heads into the batch
             return self.apply(x.reshape(-1, self.n)).reshape(batch, x.shape[1], self.m)
         per_head = x.ndim == 3
-        plan = _plan_of(self, batch, per_head)
+        plan, scale = _plan_of(self, batch, per_head)
         operands = [x if len(self._in_shape) == 1 else x.reshape(*x.shape[:-1], *self._in_shape)]
         for fa in self.network.factors:
             t = fa.fetch()
             if t.dtype != x.dtype:  # only reachable under autocast: the operator checks dtypes otherwise
                 t = t.to(x.dtype)
             operands.append(t)
-        scale = self.network.scale
         if scale != 1.0 and self._scale_at > 0:
             operands[self._scale_at] = operands[self._scale_at] * scale
         if plan.path is not None:
@@ -221,22 +220,41 @@ class NetNode(Node):
         return NetNode(self.network.scaled(c))
 
 
-def _plan_of(node: NetNode, batch: int, per_head: bool) -> _Plan:
-    """The cached plan (planned on first use; under torch.compile, see :func:`_traced_plan`)."""
+_COMPILE_BATCH = 1024  # the batch a traced plan is made for (see _plan_of)
+
+
+def _plan_of(node: NetNode, batch: int, per_head: bool) -> tuple[_Plan, float]:
+    """The cached plan for ``batch`` rows (planned on first use), and the network's scale.
+
+    Under torch.compile the batch may be symbolic (``dynamic=None`` after a second shape, or ``dynamic=True``), and
+    reading its value would specialize the graph to it. The equation does not depend on the batch and any path is
+    valid for every batch (only its optimality does), so a traced plan is made for a fixed representative batch,
+    :data:`_COMPILE_BATCH` (large: a path planned too large costs a batch-independent amount at small batches, one
+    planned too small costs more with every row), and the batch is never read: one graph serves every batch size.
+    The scale comes back from the same constant call: read as an attribute, dynamo would make the float an input
+    of the graph and restart the analysis to specialize it.
+    """
     if torch.compiler.is_compiling():
-        equation, path = _traced_plan(node.network, node._in_shape, batch, per_head)
-        return _Plan(equation, list(path) if path is not None else None, None)  # type: ignore[arg-type]
-    return node._plan(batch, per_head)
+        equation, path, scale = _traced_plan(node.network, node._in_shape, _COMPILE_BATCH, per_head)
+        return _Plan(equation, list(path) if path is not None else None, None), scale  # type: ignore[arg-type]
+    return node._plan(batch, per_head), node.network.scale
 
 
-def _traced_plan(network: Network, in_shape: tuple[int, ...], batch: int, per_head: bool) -> tuple[str, Any]:
-    """The equation and flat path, as plain constants that torch.compile can bake into the graph."""
+def _traced_plan(network: Network, in_shape: tuple[int, ...], batch: int, per_head: bool) -> tuple[str, Any, float]:
+    """The equation, flat path and scale, as plain constants that torch.compile can bake into the graph (every
+    argument is a constant: ``batch`` is :data:`_COMPILE_BATCH`, never the traced input's)."""
     plan = NetNode(network)._plan(batch, per_head)
-    return plan.equation, tuple(plan.path) if plan.path is not None else None
+    return plan.equation, tuple(plan.path) if plan.path is not None else None, network.scale
+
+
+def _traced_scale(node: GatherNode) -> float:
+    """A gather's scale as a constant of the traced graph (see :func:`_plan_of`)."""
+    return node.scale
 
 
 # what torch._dynamo.assume_constant_result does, without importing torch._dynamo (~0.8 s) with structmat
 _traced_plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
+_traced_scale._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 Slice = tuple[int, int]
@@ -442,11 +460,16 @@ class GatherNode(Node):
         return []
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        idx = self._index.get(x.device)
-        if idx is None:
-            idx = self._index[x.device] = torch.tensor(self.perm, dtype=torch.long, device=x.device)
+        if torch.compiler.is_compiling():  # constants of the graph: filling the cache would guard on it
+            idx = torch.tensor(self.perm, dtype=torch.long, device=x.device)
+            scale = _traced_scale(self)
+        else:
+            idx = self._index.get(x.device)
+            if idx is None:
+                idx = self._index[x.device] = torch.tensor(self.perm, dtype=torch.long, device=x.device)
+            scale = self.scale
         y = x.index_select(-1, idx)
-        return y * self.scale if self.scale != 1.0 else y
+        return y * scale if scale != 1.0 else y
 
     def cost(self, batch: int, h: int = 0) -> Cost:
         rows = batch * max(1, h)
