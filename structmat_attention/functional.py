@@ -39,6 +39,33 @@ __all__ = [
 ]
 
 
+def _int_arg(where: str, what: str, value: object, minimum: int, *, optional: bool = False) -> int | None:
+    """``value`` as a plain int >= ``minimum`` (any integer type but bool), or None when ``optional``."""
+    if value is None and optional:
+        return None
+    kind = f"{'None or ' if optional else ''}an int >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {what} must be {kind}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{where}: {what} must be {kind}, got {value!r}")
+    return int(value)
+
+
+def _bool_arg(where: str, what: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {what} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _unjoined_arg(where: str, unjoined: object, levels: Sequence[Level]) -> bool:
+    """Whether pairs that no level joins are masked out (False also when some level joins every pair)."""
+    if unjoined is not None and unjoined not in ("zero", "mask"):
+        raise ValueError(f"{where}: unjoined must be None, 'zero' or 'mask', got {unjoined!r}")
+    if any(lv.is_global for lv in levels):
+        return False
+    return unjoined != "zero"
+
+
 @dataclass(frozen=True)
 class Level:
     """One level of a multi-level bilinear score.
@@ -59,17 +86,22 @@ class Level:
     def __post_init__(self) -> None:
         if not isinstance(self.op, sm.LinearOperator):
             raise TypeError(f"Level: op must be a structmat LinearOperator, got {type(self.op).__name__}")
-        b = self.block_size
-        if b is not None and (isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1):
-            raise ValueError(f"Level({self.op.name}): block_size must be None or an int >= 1, got {b!r}")
+        where = f"Level({self.op.name})"
+        b = _int_arg(where, "block_size", self.block_size, 1, optional=True)
+        w = _int_arg(where, "window", self.window, 1, optional=True)
         if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real):
-            raise TypeError(f"Level({self.op.name}): scale must be a real number, got {self.scale!r}")
-        w = self.window
-        if w is not None:
-            if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1:
-                raise ValueError(f"Level({self.op.name}): window must be None or an int >= 1, got {w!r}")
-            if b is not None:
-                raise ValueError(f"Level({self.op.name}): give block_size={b} or window={w}, not both")
+            raise TypeError(f"{where}: scale must be a real number, got {type(self.scale).__name__} {self.scale!r}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"{where}: scale must be finite, got {self.scale!r}")
+        if b is not None and w is not None:
+            raise ValueError(f"{where}: give block_size={b} or window={w}, not both")
+        object.__setattr__(self, "block_size", b)  # plain ints (numpy integers are accepted)
+        object.__setattr__(self, "window", w)
+
+    @property
+    def is_global(self) -> bool:
+        """Whether the level joins every pair (no blocks, no window)."""
+        return self.block_size is None and self.window is None
 
     def pair_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
         """Which (query, key) positions this level joins, or None when it joins all."""
@@ -97,7 +129,22 @@ def _side(op: sm.LinearOperator, x: torch.Tensor) -> torch.Tensor:
 
 
 def level_features(level: Level, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query and key features of one level: ``(L x_q, R x_k)``, each ``(..., [H,] T, r)``."""
+    """Query and key features of one level: ``(L x_q, R x_k)``, each ``(..., [H,] T, r)``.
+
+    Example:
+        >>> import torch, structmat as sm
+        >>> from structmat_attention import Level, level_features
+        >>> q, k = level_features(Level(None, sm.LowRank(8, 6, rank=2, heads=3)), torch.randn(5, 8), torch.randn(4, 6))
+        >>> q.shape, k.shape
+        (torch.Size([3, 5, 2]), torch.Size([3, 4, 2]))
+    """
+    if not isinstance(level, Level):
+        raise TypeError(f"level_features: level must be a Level, got {type(level).__name__}")
+    _check([level], x_q, x_k, "level_features")
+    return _level_features(level, x_q, x_k)
+
+
+def _level_features(level: Level, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     left, right = sm.bilinear_split(level.op)  # computed once, kept on the operator
     return _side(left, x_q), _side(right, x_k)
 
@@ -108,6 +155,9 @@ def resolve_scale(scale: float | str, width: int, where: str = "bilinear_scores"
     >>> resolve_scale("sqrt", 64), resolve_scale("mup", 64), resolve_scale(0.5, 64)
     (0.125, 0.015625, 0.5)
     """
+    if not isinstance(where, str):
+        raise TypeError(f"resolve_scale: where must be a str, got {type(where).__name__}")
+    width = _int_arg(where, "the feature width", width, 1)
     if isinstance(scale, str):
         if scale == "sqrt":
             return 1.0 / math.sqrt(width)
@@ -116,14 +166,28 @@ def resolve_scale(scale: float | str, width: int, where: str = "bilinear_scores"
         raise ValueError(f"{where}: scale must be a number, 'sqrt' (1/sqrt(d)) or 'mup' (1/d), got {scale!r}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{where}: scale must be a number, 'sqrt' or 'mup', got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{where}: scale must be finite, got {scale!r}")
     return float(scale)
 
 
 def _check(levels: list[Level], x_q: torch.Tensor, x_k: torch.Tensor, where: str) -> int | None:
+    """Check the tokens against the levels; the number of heads (None without stacks)."""
     for name, x in (("x_q", x_q), ("x_k", x_k)):
-        if not isinstance(x, torch.Tensor) or x.ndim < 2:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{where}: {name} must be a tensor of shape (..., T, D), got {got}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor of shape (..., T, D), got {type(x).__name__}")
+        if x.ndim < 2:
+            raise ValueError(f"{where}: {name} must be a tensor of shape (..., T, D), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{where}: {name} must be a floating-point tensor, got {x.dtype}")
+    if x_q.dtype != x_k.dtype:
+        raise TypeError(f"{where}: x_q and x_k must have one dtype, got {x_q.dtype} and {x_k.dtype}")
+    try:
+        torch.broadcast_shapes(x_q.shape[:-2], x_k.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"{where}: the batch dims of x_q {tuple(x_q.shape)} and x_k {tuple(x_k.shape)} do not broadcast"
+        ) from None
     heads = {lv.op.heads for lv in levels} - {None}
     if len(heads) > 1:
         raise ValueError(f"{where}: levels are stacks of different numbers of heads {sorted(heads)}")
@@ -134,6 +198,8 @@ def _check(levels: list[Level], x_q: torch.Tensor, x_k: torch.Tensor, where: str
                 f"{where}: {lv.op.name} needs x_q (..., T_q, {m}) and x_k (..., T_k, {n}), "
                 f"got {tuple(x_q.shape)} and {tuple(x_k.shape)}"
             )
+        if lv.op.dtype is not None and lv.op.dtype != x_q.dtype:
+            raise TypeError(f"{where}: {lv.op.name} has {lv.op.dtype} parameters, the tokens are {x_q.dtype}")
     return heads.pop() if heads else None
 
 
@@ -151,11 +217,20 @@ def _block_ranges(block: int, t_q: int, t_k: int, q_offset: int) -> list[tuple[i
 
 
 def _features(
-    levels: list[Level], x_q: torch.Tensor, x_k: torch.Tensor, scale: float | str, qk_norm: bool, heads: int | None
+    levels: list[Level],
+    x_q: torch.Tensor,
+    x_k: torch.Tensor,
+    scale: float | str,
+    qk_norm: bool,
+    heads: int | None,
+    where: str,
 ) -> list[tuple[Level, torch.Tensor, torch.Tensor, float]]:
-    feats = [(lv, *level_features(lv, x_q, x_k)) for lv in levels]
+    """Every level's (checked) features, each side with a head dim when the levels are stacks."""
+    qk_norm = _bool_arg(where, "qk_norm", qk_norm)
+    resolve_scale(scale, 1, where)  # check before any work
+    feats = [(lv, *_level_features(lv, x_q, x_k)) for lv in levels]
     width = sum(q.shape[-1] for _, q, _ in feats)
-    base = resolve_scale(scale, width)
+    base = resolve_scale(scale, width, where)
     out = []
     for lv, q, k in feats:
         if qk_norm:
@@ -176,8 +251,9 @@ def bilinear_scores(
     *,
     q_offset: int = 0,
     qk_norm: bool = False,
+    unjoined: str | None = None,
 ) -> torch.Tensor:
-    """``s[..., i, j] = scale · Σ_l [same level-l block] · c_l · x_q[i]^T W_l x_k[j]``.
+    """``s[..., i, j] = scale · Σ_l [pair joined by level l] · c_l · x_q[i]^T W_l x_k[j]``.
 
     Args:
         x_q: queries' tokens ``(..., T_q, D_q)``.
@@ -186,6 +262,10 @@ def bilinear_scores(
         scale: a number, ``"sqrt"`` (1/sqrt(d)) or ``"mup"`` (1/d), with d the total feature width over levels.
         q_offset: absolute position of the first query (keys start at 0), for incremental decoding.
         qk_norm: layer-normalize each level's query and key features (no affine) before the product.
+        unjoined: the score of a pair that no level joins. ``"mask"``: ``-inf`` (attention will not see it, as in
+            sliding-window or block-local attention); ``"zero"``: 0 (the plain sum above; attention still gives the
+            pair weight); None (default): ``"mask"``. When some level is global, every pair is joined and this has
+            no effect.
 
     Returns:
         ``(..., T_q, T_k)``, or ``(..., H, T_q, T_k)`` when the operators are stacks of H heads.
@@ -200,12 +280,31 @@ def bilinear_scores(
         >>> s = bilinear_scores(x, x, [Level(None, W), Level(2, sm.LowRank(8, 8, rank=1))])
         >>> s.shape
         torch.Size([5, 5])
+        >>> s = bilinear_scores(x, x, Level(None, W, window=2))  # no global level: unjoined pairs are masked
+        >>> bool(s[0, 1].isfinite()), s[0, 2].item()
+        (True, -inf)
     """
     where = "bilinear_scores"
     lvs = _as_levels(levels, where)
     heads = _check(lvs, x_q, x_k, where)
-    feats = _features(lvs, x_q, x_k, scale, qk_norm, heads)
-    return _scores(feats, x_q.shape[-2], x_k.shape[-2], q_offset)
+    q_offset = _int_arg(where, "q_offset", q_offset, 0)
+    masked = _unjoined_arg(where, unjoined, lvs)
+    feats = _features(lvs, x_q, x_k, scale, qk_norm, heads, where)
+    t_q, t_k = x_q.shape[-2], x_k.shape[-2]
+    s = _scores(feats, t_q, t_k, q_offset)
+    if masked:
+        s = s.masked_fill(~_joined(lvs, t_q, 0, t_k, q_offset, s.device), float("-inf"))
+    return s
+
+
+def _joined(levels: Sequence[Level], t_q: int, k0: int, k1: int, q_offset: int, device: torch.device) -> torch.Tensor:
+    """``(T_q, k1 - k0)``: whether some level joins query ``q_offset + i`` and key ``k0 + j`` (no global level)."""
+    q_pos = torch.arange(t_q, device=device) + q_offset
+    k_pos = torch.arange(k0, k1, device=device)
+    joined = torch.zeros(t_q, k1 - k0, dtype=torch.bool, device=device)
+    for lv in levels:
+        joined |= lv.pair_mask(q_pos, k_pos)
+    return joined
 
 
 Tile = tuple[int, int, int, int, "torch.Tensor | None"]
@@ -334,13 +433,22 @@ def _expanded_width(feats: list, t_q: int, t_k: int, q_offset: int) -> int | Non
 
 
 def _mask_scores(
-    s: torch.Tensor, causal: bool, mask: torch.Tensor | None, q_offset: int, k_start: int = 0
+    s: torch.Tensor,
+    causal: bool,
+    mask: torch.Tensor | None,
+    q_offset: int,
+    k_start: int = 0,
+    joined: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Scores with ``-inf`` where the pair is not visible (causality, unjoined pairs, a boolean mask), plus an
+    additive mask."""
     t_q, t_k = s.shape[-2:]
     if causal:
         qpos = torch.arange(t_q, device=s.device) + q_offset
         kpos = torch.arange(t_k, device=s.device) + k_start
         s = s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+    if joined is not None:
+        s = s.masked_fill(~joined, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
             s = s.masked_fill(~mask, float("-inf"))
@@ -362,6 +470,7 @@ def structured_attention(
     qk_norm: bool = False,
     key_block: int | None = None,
     method: str = "auto",
+    unjoined: str | None = None,
 ) -> torch.Tensor:
     """``softmax(bilinear_scores(x_q, x_k, levels) + masks) @ v``.
 
@@ -371,10 +480,10 @@ def structured_attention(
         v: values ``(..., T_k, D_v)``, or ``(..., H, T_k, D_v)`` per head.
         levels: an operator, a :class:`Level` or a list of Levels (see :func:`bilinear_scores`).
         causal: query at absolute position ``q_offset + i`` sees keys ``j <= q_offset + i`` only.
-        mask: a boolean mask (True = may attend) or an additive float mask, broadcastable to the scores
-            ``(..., [H,] T_q, T_k)``.
+        mask: a boolean mask (True = may attend) or an additive float mask (it may require grad), broadcastable to
+            the scores ``(..., [H,] T_q, T_k)``.
         scale: a number, ``"sqrt"`` or ``"mup"`` (see :func:`bilinear_scores`).
-        q_offset: absolute position of the first query (for decoding with a KV cache).
+        q_offset: absolute position of the first query (an int >= 0, for decoding with a KV cache).
         qk_norm: layer-normalize query and key features.
         key_block: stream over blocks of this many keys with an online softmax (peak memory ``O(T_q · key_block)``
             per head instead of ``O(T_q · T_k)``, in the backward too: it recomputes each tile from the features
@@ -384,22 +493,35 @@ def structured_attention(
             multi-level score (a blocked level spreads its r_l features over one slot per block, width
             ``Σ_l r_l · blocks_l``; no score matrix is held; not for windowed levels); ``"streamed"``: the online
             softmax over ``key_block`` keys; ``"auto"`` (default): streamed when ``key_block`` is given, else sdpa
-            when its width is at most twice the direct width ``Σ_l r_l``, else scores.
+            when its width is at most twice the direct width ``Σ_l r_l``, else scores. All give the same result.
+        unjoined: what a pair that no level joins gets when no level is global (with a global level every
+            pair is joined and this has no effect). ``"mask"``: no attention (score ``-inf``, as in sliding-window or
+            block-local attention); ``"zero"``: score 0, the plain sum of bilinear forms, so the pair still gets
+            attention weight; None (default): ``"mask"``.
 
     Returns:
-        ``(..., T_q, D_v)``, or ``(..., H, T_q, D_v)`` for stacks. A query that may attend to no key gets zeros.
+        ``(..., T_q, D_v)``, or ``(..., H, T_q, D_v)`` for stacks. A query that may attend to no key (every pair
+        masked, or no keys at all: ``T_k = 0``) gets zeros.
 
     Example:
         >>> import torch, structmat as sm
-        >>> from structmat_attention import structured_attention
+        >>> from structmat_attention import Level, structured_attention
         >>> W = sm.LowRank(8, 8, rank=4, heads=2)
         >>> x, v = torch.randn(6, 8), torch.randn(2, 6, 3)
         >>> out = structured_attention(x, x, v, W, causal=True)
         >>> out.shape, torch.allclose(out, structured_attention(x, x, v, W, causal=True, key_block=4), atol=1e-6)
         (torch.Size([2, 6, 3]), True)
+        >>> local = structured_attention(x, x, v, Level(None, W, window=2))  # token i sees i - 1, i, i + 1 only
+        >>> v2 = v.clone(); v2[:, 5] += 1.0  # token 5 is out of token 0's window
+        >>> torch.equal(local[:, 0], structured_attention(x, x, v2, Level(None, W, window=2))[:, 0])
+        True
     """
-    feats = attention_features(x_q, x_k, levels, scale, qk_norm=qk_norm)
-    return attend(feats, v, causal, mask, q_offset=q_offset, key_block=key_block, method=method)
+    where = "structured_attention"
+    lvs = _as_levels(levels, where)
+    heads = _check(lvs, x_q, x_k, where)
+    args = _attend_args(where, causal, q_offset, key_block, method, unjoined, lvs)  # checked before any work
+    feats = _features(lvs, x_q, x_k, scale, qk_norm, heads, where)
+    return _attend(feats, v, mask, args, where)
 
 
 class LevelFeatures(NamedTuple):
@@ -433,7 +555,7 @@ def attention_features(
     where = "attention_features"
     lvs = _as_levels(levels, where)
     heads = _check(lvs, x_q, x_k, where)
-    return [LevelFeatures(*f) for f in _features(lvs, x_q, x_k, scale, qk_norm, heads)]
+    return [LevelFeatures(*f) for f in _features(lvs, x_q, x_k, scale, qk_norm, heads, where)]
 
 
 def attend(
@@ -445,6 +567,7 @@ def attend(
     q_offset: int = 0,
     key_block: int | None = None,
     method: str = "auto",
+    unjoined: str | None = None,
 ) -> torch.Tensor:
     """``softmax(Σ_l [pair in level l] c_l q_l k_l^T + masks) @ v`` from features (the second half of attention).
 
@@ -452,51 +575,199 @@ def attend(
         features: from :func:`attention_features` (keys may come from a cache: T_k is the keys' length).
         v: ``(..., T_k, D_v)`` or ``(..., H, T_k, D_v)``.
         causal: query ``q_offset + i`` sees keys ``j <= q_offset + i``.
-        mask: boolean (True = may attend) or additive, broadcastable to ``(..., [H,] T_q, T_k)``.
-        q_offset: absolute position of the first query.
+        mask: boolean (True = may attend) or additive (it may require grad), broadcastable to
+            ``(..., [H,] T_q, T_k)``.
+        q_offset: absolute position of the first query (an int >= 0).
         key_block: stream over key blocks with an online softmax.
         method: ``"auto"``, ``"sdpa"``, ``"scores"`` or ``"streamed"`` (see :func:`structured_attention`).
+        unjoined: what a pair that no level joins gets when no level is global (with a global level every
+            pair is joined and this has no effect). ``"mask"``: no attention (score ``-inf``, as in sliding-window or
+            block-local attention); ``"zero"``: score 0, the plain sum of bilinear forms, so the pair still gets
+            attention weight; None (default): ``"mask"``.
 
     Returns:
-        ``(..., [H,] T_q, D_v)``.
+        ``(..., [H,] T_q, D_v)``; zeros for a query that may attend to no key.
+
+    Example:
+        >>> import torch, structmat as sm
+        >>> from structmat_attention import attend, attention_features, structured_attention
+        >>> W = sm.LowRank(8, 8, rank=2, heads=2)
+        >>> x, v = torch.randn(5, 8), torch.randn(2, 5, 3)
+        >>> out = attend(attention_features(x, x, W), v, causal=True)
+        >>> torch.allclose(out, structured_attention(x, x, v, W, causal=True))
+        True
     """
     where = "attend"
-    feats = [tuple(f) for f in features]
-    if not feats or any(len(f) != 4 for f in feats):
-        raise TypeError(f"{where}: features must be a non-empty list of LevelFeatures")
-    t_q, t_k = feats[0][1].shape[-2], feats[0][2].shape[-2]
-    heads = next((f[1].shape[-3] for f in feats if f[0].op.heads is not None), None)
-    if not isinstance(v, torch.Tensor) or v.ndim < 2 or v.shape[-2] != t_k:
-        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        raise ValueError(f"{where}: v must have shape (..., T_k={t_k}, D_v), got {got}")
-    if heads is not None and v.ndim == feats[0][2].ndim - 1:
-        v = v.unsqueeze(-3)  # one value set for every head
-    if mask is not None and not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{where}: mask must be a tensor or None, got {type(mask).__name__}")
-    if key_block is not None and (isinstance(key_block, bool) or not isinstance(key_block, int) or key_block < 1):
-        raise ValueError(f"{where}: key_block must be None or an int >= 1, got {key_block!r}")
+    feats = _check_features(features, where)
+    args = _attend_args(where, causal, q_offset, key_block, method, unjoined, [f[0] for f in feats])
+    return _attend(feats, v, mask, args, where)
+
+
+class _Args(NamedTuple):
+    """The checked scalar arguments of :func:`attend`; ``masked``: whether unjoined pairs are masked out."""
+
+    causal: bool
+    q_offset: int
+    key_block: int | None
+    method: str
+    masked: bool
+
+
+def _attend_args(
+    where: str,
+    causal: object,
+    q_offset: object,
+    key_block: object,
+    method: object,
+    unjoined: object,
+    levels: Sequence[Level],
+) -> _Args:
+    causal = _bool_arg(where, "causal", causal)
+    offset = _int_arg(where, "q_offset", q_offset, 0)
+    block = _int_arg(where, "key_block", key_block, 1, optional=True)
     if method not in ("auto", "sdpa", "scores", "streamed"):
         raise ValueError(f"{where}: method must be 'auto', 'sdpa', 'scores' or 'streamed', got {method!r}")
-    if key_block is not None and key_block < t_k and method in ("auto", "streamed"):
-        return _streamed(feats, v, t_q, t_k, causal, mask, q_offset, key_block)
-    if method == "streamed":
-        return _streamed(feats, v, t_q, t_k, causal, mask, q_offset, key_block or t_k)
+    if method == "sdpa" and any(lv.window is not None for lv in levels):
+        raise ValueError(f"{where}: method='sdpa' cannot express a sliding-window level; use 'scores' or 'auto'")
+    return _Args(causal, offset, block, method, _unjoined_arg(where, unjoined, levels))  # type: ignore[arg-type]
+
+
+def _check_features(features: object, where: str) -> list[tuple[Level, torch.Tensor, torch.Tensor, float]]:
+    """``features`` as plain tuples, checked: one T_q, one T_k, one dtype, widths and heads that agree."""
+    if not isinstance(features, (list, tuple)) or not features:
+        raise TypeError(f"{where}: features must be a non-empty list of LevelFeatures, got {type(features).__name__}")
+    feats = []
+    for i, f in enumerate(features):
+        if not isinstance(f, tuple) or len(f) != 4:
+            raise TypeError(f"{where}: features[{i}] must be a LevelFeatures (level, q, k, scale), got {f!r}")
+        lv, q, k, c = f
+        if not isinstance(lv, Level) or not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+            got = ", ".join(type(x).__name__ for x in (lv, q, k))
+            raise TypeError(f"{where}: features[{i}] must hold a Level and two tensors, got ({got})")
+        if q.ndim < 2 or k.ndim < 2 or q.shape[-1] != k.shape[-1]:
+            raise ValueError(
+                f"{where}: features[{i}] needs q (..., T_q, r) and k (..., T_k, r) of one width r, "
+                f"got {tuple(q.shape)} and {tuple(k.shape)}"
+            )
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c):
+            raise TypeError(f"{where}: features[{i}].scale must be a finite real number, got {c!r}")
+        feats.append((lv, q, k, float(c)))
+    for side, dim in (("T_q", 1), ("T_k", 2)):
+        sizes = [f[dim].shape[-2] for f in feats]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"{where}: every level needs the same {side}, got {sizes}")
+    dtypes = {x.dtype for f in feats for x in f[1:3]}
+    if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
+        raise TypeError(
+            f"{where}: features must be floating-point tensors of one dtype, got {sorted(map(str, dtypes))}"
+        )
+    heads = {f[0].op.heads for f in feats} - {None}
+    if len(heads) > 1:
+        raise ValueError(f"{where}: levels are stacks of different numbers of heads {sorted(heads)}")
+    if heads:
+        h = next(iter(heads))
+        for i, (_, q, k, _) in enumerate(feats):
+            if q.ndim < 3 or k.ndim < 3 or q.shape[-3] not in (1, h) or k.shape[-3] not in (1, h):
+                raise ValueError(
+                    f"{where}: features[{i}] needs q (..., H, T_q, r) and k (..., H, T_k, r) with H = {h} or 1, "
+                    f"got {tuple(q.shape)} and {tuple(k.shape)}"
+                )
+    try:
+        torch.broadcast_shapes(*(x.shape[:-2] for f in feats for x in f[1:3]))
+    except RuntimeError:
+        shapes = [tuple(x.shape) for f in feats for x in f[1:3]]
+        raise ValueError(f"{where}: the features' batch dims do not broadcast: {shapes}") from None
+    return feats
+
+
+def _check_values(
+    v: object, lead: torch.Size, t_k: int, heads: int | None, dtype: torch.dtype, where: str
+) -> tuple[torch.Tensor, torch.Size]:
+    """``v`` (with a head dim when the levels are stacks and ``v`` has none) and the output's batch dims."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{where}: v must be a tensor of shape (..., T_k={t_k}, D_v), got {type(v).__name__}")
+    if v.ndim < 2 or v.shape[-2] != t_k:
+        raise ValueError(f"{where}: v must have shape (..., T_k={t_k}, D_v), got {tuple(v.shape)}")
+    if v.dtype != dtype:
+        raise TypeError(f"{where}: v must have the features' dtype {dtype}, got {v.dtype}")
+    if heads is not None and v.ndim == len(lead) + 1:
+        v = v.unsqueeze(-3)  # one value set for every head
+    if heads is not None and v.ndim >= 3 and v.shape[-3] not in (1, heads):
+        raise ValueError(
+            f"{where}: v of shape {tuple(v.shape)} has {v.shape[-3]} heads (dim -3), the levels are stacks of "
+            f"{heads}: give (..., {heads}, T_k, D_v) or (..., T_k, D_v)"
+        )
+    try:
+        out_lead = torch.broadcast_shapes(lead, v.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"{where}: v's batch dims {tuple(v.shape[:-2])} do not broadcast with the scores' {tuple(lead)}"
+        ) from None
+    return v, out_lead
+
+
+def _check_mask(
+    mask: object, lead: torch.Size, t_q: int, t_k: int, dtype: torch.dtype, where: str
+) -> torch.Tensor | None:
+    """``mask`` checked against the scores' shape ``(*lead, T_q, T_k)``; an additive one in the scores' dtype."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{where}: mask must be a tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{where}: mask must be boolean (True = may attend) or floating (additive), got {mask.dtype}")
+    target = (*lead, t_q, t_k)
+    try:
+        fits = torch.broadcast_shapes(mask.shape, target) == target
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{where}: mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape {target} "
+            f"(..., [H,] T_q={t_q}, T_k={t_k})"
+        )
+    if mask.dtype != torch.bool and mask.dtype != dtype:
+        mask = mask.to(dtype)
+    return mask
+
+
+def _attend(feats: list, v: object, mask: object, args: _Args, where: str) -> torch.Tensor:
+    """The checked core of :func:`attend`: picks the method."""
+    t_q, t_k = feats[0][1].shape[-2], feats[0][2].shape[-2]
+    levels = [f[0] for f in feats]
+    heads = next((lv.op.heads for lv in levels if lv.op.heads is not None), None)
+    lead = torch.broadcast_shapes(*(x.shape[:-2] for f in feats for x in f[1:3]))
+    dtype = feats[0][1].dtype
+    v, out_lead = _check_values(v, lead, t_k, heads, dtype, where)
+    mask = _check_mask(mask, out_lead, t_q, t_k, dtype, where)
+    causal, q_offset, key_block, method, masked = args
+    if t_k == 0:  # no key to attend to: zeros, still connected to the inputs
+        return torch.matmul(sum(torch.matmul(q, k.mT) for _, q, k, _ in feats), v)
+    if method == "streamed" or (method == "auto" and key_block is not None and key_block < t_k):
+        return _streamed(feats, v, t_q, t_k, causal, mask, q_offset, min(key_block or t_k, t_k), masked)
+    joined = _joined(levels, t_q, 0, t_k, q_offset, feats[0][1].device) if masked else None
     width = _expanded_width(feats, t_q, t_k, q_offset)
     direct = sum(q.shape[-1] for _, q, _, _ in feats)
-    if method == "sdpa" and width is None:
-        raise ValueError(f"{where}: method='sdpa' cannot express a sliding-window level; use 'scores' or 'auto'")
     if method == "sdpa" or (method == "auto" and width is not None and width <= 2 * direct):
         q, k = _expanded(feats, t_q, t_k, q_offset)
-        return _sdpa(q, k, v, causal, mask, q_offset)
-    s = _mask_scores(_scores(feats, t_q, t_k, q_offset), causal, mask, q_offset)
-    p = torch.softmax(s, dim=-1)
-    if mask is not None:
-        p = torch.nan_to_num(p, nan=0.0)  # rows with no visible key
+        return _sdpa(q, k, v, causal, mask, q_offset, joined)
+    s = _mask_scores(_scores(feats, t_q, t_k, q_offset), causal, mask, q_offset, 0, joined)
+    if mask is not None or joined is not None:  # rows with no visible key get zeros (and zero gradients)
+        dead = s.amax(dim=-1, keepdim=True) == float("-inf")
+        p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    else:
+        p = torch.softmax(s, dim=-1)
     return torch.matmul(p, v)
 
 
 def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None, q_offset: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    mask: torch.Tensor | None,
+    q_offset: int,
+    joined: torch.Tensor | None,
 ) -> torch.Tensor:
     """torch's fused attention on the expanded features (scale already folded into q).
 
@@ -513,7 +784,7 @@ def _sdpa(
     elif q.shape[-1] < d_v:
         q = torch.nn.functional.pad(q, (0, d_v - q.shape[-1]))
         k = torch.nn.functional.pad(k, (0, d_v - k.shape[-1]))
-    return _sdpa_core(q, k, v, causal, mask, q_offset, t_q, t_k)[..., :d_v]
+    return _sdpa_core(q, k, v, causal, mask, q_offset, t_q, t_k, joined)[..., :d_v]
 
 
 def _sdpa_core(
@@ -525,36 +796,48 @@ def _sdpa_core(
     q_offset: int,
     t_q: int,
     t_k: int,
+    joined: torch.Tensor | None,
 ) -> torch.Tensor:
-    if mask is None and (not causal or (q_offset == 0 and t_q == t_k)):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if mask is None and joined is None and (not causal or (q_offset == 0 and t_q == t_k)):
+        return sdpa(q, k, v, is_causal=causal, scale=1.0)
     allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device)
     if causal:
         allowed = (
             torch.arange(t_k, device=q.device)[None, :] <= (torch.arange(t_q, device=q.device) + q_offset)[:, None]
         )
+    if joined is not None:
+        allowed = allowed & joined
+    if mask is not None and mask.dtype != torch.bool:
+        add = mask.masked_fill(~allowed, float("-inf"))
+        return torch.nan_to_num(sdpa(q, k, v, attn_mask=add, scale=1.0), nan=0.0)
     if mask is not None:
-        if mask.dtype == torch.bool:
-            allowed = allowed & mask
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
-            return torch.nan_to_num(out, nan=0.0) * allowed.any(-1, keepdim=True)
-        add = mask.to(q.dtype).masked_fill(~allowed, float("-inf"))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=1.0)
-        return torch.nan_to_num(out, nan=0.0)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
+        allowed = allowed & mask
+    out = sdpa(q, k, v, attn_mask=allowed, scale=1.0)
+    return torch.nan_to_num(out, nan=0.0) * allowed.any(-1, keepdim=True)
 
 
 def _block_scores(
-    feats: list, t_q: int, k0: int, k1: int, causal: bool, mask: torch.Tensor | None, q_offset: int
+    feats: list,
+    t_q: int,
+    k0: int,
+    k1: int,
+    causal: bool,
+    mask: torch.Tensor | None,
+    q_offset: int,
+    masked: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Scores of every query against keys ``k0 .. k1 - 1`` (masked), and each level's pair mask there."""
     qpos = torch.arange(t_q, device=feats[0][1].device) + q_offset
     kpos = torch.arange(k0, k1, device=qpos.device)
     s = None
     nears = []
+    joined = None
     for lv, q, k, c in feats:
         part = torch.matmul(q, k[..., k0:k1, :].mT)
         near = lv.pair_mask(qpos, kpos)
+        if near is not None and masked:
+            joined = near if joined is None else joined | near
         near = near.to(part.dtype) if near is not None else None
         nears.append(near)
         if near is not None:
@@ -565,22 +848,22 @@ def _block_scores(
     sub_mask = None
     if mask is not None:
         sub_mask = mask[..., k0:k1] if mask.shape[-1] != 1 else mask
-    return _mask_scores(s, causal, sub_mask, q_offset, k0), nears
+    return _mask_scores(s, causal, sub_mask, q_offset, k0, joined), nears
 
 
 class _Streamed(torch.autograd.Function):
     """Online softmax over key blocks, forward and backward: neither holds more than one ``(T_q, key_block)`` tile
     of scores per head (the backward recomputes each tile from the features and the saved log-sum-exp, as flash
-    attention does). The mask is a constant: no gradient flows to it."""
+    attention does). An additive mask gets its gradient tile by tile too: it is the scores' gradient ``dS``."""
 
     @staticmethod
-    def forward(ctx, setup, v, *qk):  # type: ignore[override]
-        levels, scales, t_q, t_k, causal, mask, q_offset, kb = setup
+    def forward(ctx, setup, v, mask, *qk):  # type: ignore[override]
+        levels, scales, t_q, t_k, causal, q_offset, kb, masked = setup
         feats = [(lv, qk[2 * i], qk[2 * i + 1], c) for i, (lv, c) in enumerate(zip(levels, scales))]
         running_max = denom = acc = None
         for k0 in range(0, t_k, kb):
             k1 = min(k0 + kb, t_k)
-            s, _ = _block_scores(feats, t_q, k0, k1, causal, mask, q_offset)
+            s, _ = _block_scores(feats, t_q, k0, k1, causal, mask, q_offset, masked)
             block_max = s.amax(dim=-1, keepdim=True)
             new_max = block_max if running_max is None else torch.maximum(running_max, block_max)
             safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
@@ -597,26 +880,32 @@ class _Streamed(torch.autograd.Function):
         lse = torch.where(denom > 0, safe + torch.log(denom), torch.full_like(denom, float("-inf")))
         out = torch.where(denom > 0, acc / denom.clamp_min(torch.finfo(acc.dtype).tiny), torch.zeros_like(acc))
         ctx.setup = setup
-        ctx.save_for_backward(v, out, lse, *qk)
+        ctx.save_for_backward(v, out, lse, mask, *qk)
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        levels, scales, t_q, t_k, causal, mask, q_offset, kb = ctx.setup
-        v, out, lse, *qk = ctx.saved_tensors
+        levels, scales, t_q, t_k, causal, q_offset, kb, masked = ctx.setup
+        v, out, lse, mask, *qk = ctx.saved_tensors
         feats = [(lv, qk[2 * i], qk[2 * i + 1], c) for i, (lv, c) in enumerate(zip(levels, scales))]
         lead = dout.shape[:-2]
         grads = [x.new_zeros(*lead, *x.shape[-2:]) for x in qk]
         dv = v.new_zeros(*lead, *v.shape[-2:])
+        dmask = torch.zeros_like(mask) if ctx.needs_input_grad[2] else None
         delta = (dout * out).sum(-1, keepdim=True)
         live = torch.isfinite(lse)
         lse0 = torch.where(live, lse, torch.zeros_like(lse))
         for k0 in range(0, t_k, kb):
             k1 = min(k0 + kb, t_k)
-            s, nears = _block_scores(feats, t_q, k0, k1, causal, mask, q_offset)
+            s, nears = _block_scores(feats, t_q, k0, k1, causal, mask, q_offset, masked)
             p = torch.where(live, torch.exp(s - lse0), torch.zeros_like(s))
             dv[..., k0:k1, :] += torch.matmul(p.mT, dout)
             ds = p * (torch.matmul(dout, v[..., k0:k1, :].mT) - delta)
+            if dmask is not None:  # s = (levels' scores) + mask: the mask's gradient is ds
+                if mask.shape[-1] == 1:
+                    dmask += _reduce_to(ds, mask.shape)
+                else:
+                    dmask[..., k0:k1] += _reduce_to(ds, dmask[..., k0:k1].shape)
             for i, ((_, q, k, c), near) in enumerate(zip(feats, nears)):
                 g = ds * near if near is not None else ds
                 if c != 1.0:
@@ -624,13 +913,21 @@ class _Streamed(torch.autograd.Function):
                 grads[2 * i] += torch.matmul(g, k[..., k0:k1, :])
                 grads[2 * i + 1][..., k0:k1, :] += torch.matmul(g.mT, q)
         grads = [_reduce_to(g, x.shape) for g, x in zip(grads, qk)]
-        return (None, _reduce_to(dv, v.shape), *grads)
+        return (None, _reduce_to(dv, v.shape), dmask, *grads)
 
 
 def _streamed(
-    feats: list, v: torch.Tensor, t_q: int, t_k: int, causal: bool, mask: torch.Tensor | None, q_offset: int, kb: int
+    feats: list,
+    v: torch.Tensor,
+    t_q: int,
+    t_k: int,
+    causal: bool,
+    mask: torch.Tensor | None,
+    q_offset: int,
+    kb: int,
+    masked: bool,
 ) -> torch.Tensor:
     """Online softmax over key blocks of ``kb`` keys (see :class:`_Streamed`)."""
-    setup = ([f[0] for f in feats], [f[3] for f in feats], t_q, t_k, causal, mask, q_offset, kb)
+    setup = ([f[0] for f in feats], [f[3] for f in feats], t_q, t_k, causal, q_offset, kb, masked)
     qk = [x for f in feats for x in (f[1], f[2])]
-    return _Streamed.apply(setup, v, *qk)
+    return _Streamed.apply(setup, v, mask, *qk)
