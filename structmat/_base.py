@@ -15,6 +15,20 @@ from ._nodes import Node
 
 __all__ = ["LinearOperator"]
 
+# one C call that says whether autocast is on for any device type: the common case (off) skips the per-device checks
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts ``x`` to, or None when autocast is off for its device type or that device type has
+    no autocast at all (``meta``: asking ``torch.is_autocast_enabled("meta")`` would raise)."""
+    if not _any_autocast():
+        return None
+    kind = x.device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
 
 def _check_size(owner: str, what: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -153,7 +167,7 @@ class LinearOperator(torch.nn.Module):
         t = self._first_tensor()
         if t is None:
             return
-        if x.dtype != t.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != t.dtype and _autocast_dtype(x) is None:
             raise TypeError(f"{self.name}: {what} has dtype {x.dtype} but the operator's parameters are {t.dtype}")
         if x.device != t.device:
             raise ValueError(f"{self.name}: {what} is on {x.device} but the operator's parameters are on {t.device}")
@@ -168,8 +182,9 @@ class LinearOperator(torch.nn.Module):
             self._check_input(x)
         m, n = self._shape
         heads = self._heads
-        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        cast = _autocast_dtype(x)
+        if cast is not None and x.is_floating_point():
+            x = x.to(cast)
         if per_head:
             if heads is None:
                 raise ValueError(f"{self.name}: per_head=True needs a stack of heads; this operator is single")

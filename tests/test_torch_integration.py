@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import zoo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import structmat as sm
@@ -74,3 +75,53 @@ def test_compile_stack_per_head_with_changing_batch(dynamic):
         torch.testing.assert_close(y, torch.einsum("hmn,...hn->...hm", dense, x))
         graphs.append(counter.frame_count)
     assert graphs[:3] == {True: [1, 1, 1], None: [1, 2, 2], False: [1, 2, 3]}[dynamic]
+
+
+# -- the meta device ---------------------------------------------------------------------------------------------------
+def _meta_zoo(name: str, monkeypatch: pytest.MonkeyPatch) -> sm.LinearOperator:
+    """The zoo operator built under ``torch.device("meta")``: every tensor it creates is a meta tensor. A
+    permutation's structure is data, so the zoo draws it on the CPU (a meta ``randperm`` has no values)."""
+    gen = zoo.perm
+
+    def perm(n: int) -> sm.Permutation:
+        with torch.device("cpu"):
+            return gen(n)
+
+    monkeypatch.setattr(zoo, "perm", perm)
+    with torch.device("meta"):
+        return zoo.build(name)
+
+
+def _check_meta_apply(op: sm.LinearOperator) -> None:
+    m, n = op.shape
+    heads = () if op.heads is None else (op.heads,)
+    x = torch.empty(3, 4, n, dtype=op.dtype or F64, device="meta")
+    y = op(x)
+    assert y.device.type == "meta"
+    assert y.shape == (3, 4, *heads, m)
+    assert op.T(torch.empty(5, m, dtype=op.dtype or F64, device="meta")).shape == (5, *heads, n)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_meta_operator_applies_to_meta_tensor(name, monkeypatch):
+    op = _meta_zoo(name, monkeypatch)
+    assert all(t.device.type == "meta" for t in op.parameters())
+    _check_meta_apply(op)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_operator_moved_to_meta_applies_to_meta_tensor(name):
+    op = zoo.build(name).to("meta")
+    assert all(t.device.type == "meta" for t in op.parameters())
+    _check_meta_apply(op)
+
+
+def test_meta_stack_per_head_and_autocast():
+    op = sm.Monarch(6, 9, nblocks=3, heads=4, device="meta") + sm.Dense(6, 9, device="meta")
+    x = torch.empty(5, 2, 4, 9, device="meta")
+    assert op(x, per_head=True).shape == (5, 2, 4, 6)
+    assert op(x[:, :, 0]).shape == (5, 2, 4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast on another device type leaves meta alone
+        y = op(x, per_head=True)
+    assert y.shape == (5, 2, 4, 6) and y.dtype == torch.float32 and y.device.type == "meta"
+    assert op.dense().shape == (4, 6, 9)
