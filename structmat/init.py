@@ -16,11 +16,11 @@ What the rule promises, and what it does not:
   structure: that is the condition for feature learning.
 - The *output RMS on a random input* is ``prod_k min(1, sqrt(fan_out_k / fan_in_k))`` (independent Gaussian factors,
   tree networks; the networks of a sum add their squares). It is 1 when no factor narrows (Dense, Kronecker,
-  BlockDiagonal, Monarch with ``nblocks = sqrt(n)``), ``1 / sqrt(s)`` for a BTT or TT with bond ``s`` on ``n = k * k``,
-  and ``sqrt(r / n)`` for ``LowRank(n, n, r)``: a random input lies mostly in the null space of a factor that narrows,
-  and shrinks. Training aligns the input with the row space, after which the spectral norm is what counts. So the RMS
-  stays in ``[0.5, 2]`` across widths only where the narrowing ratios stay bounded: a rank proportional to width (more
-  than ``n / 4``), a small fixed BTT/TT bond (up to 2-4), ``nblocks ≈ sqrt(n)``.
+  BlockDiagonal, a square Monarch with any ``nblocks``), ``1 / sqrt(s)`` for a BTT or TT with bond ``s`` on
+  ``n = k * k``, and ``sqrt(r / n)`` for ``LowRank(n, n, r)``: a random input lies mostly in the null space of a
+  factor that narrows, and shrinks. Training aligns the input with the row space, after which the spectral norm is
+  what counts. So the RMS stays in ``[0.5, 2]`` across widths only where the narrowing ratios stay bounded: a rank
+  proportional to width (more than ``n / 4``), a small fixed BTT/TT bond (up to 2-4).
 
 Fans are taken from the networks as the operator uses them (see :func:`parameter_fans`): factors are applied in order
 from the input, each reading the labels it is the last to need (fan-in), writing the labels it introduces (fan-out),

@@ -10,9 +10,14 @@ structure                   method
 ``Diagonal``                the diagonal of ``A``.
 ``LowRank`` (rank r)        truncated SVD (Eckart–Young): optimal. The singular values are split evenly,
                             ``U = U_r sqrt(S_r)``, ``V = sqrt(S_r) V_r^T``.
-2-core ``BTT``, ``Monarch`` ``W[(c,d),(a,b)] = sum_s L[c,d,a,s] R[a,c,b,s]``: every ``(a, c)`` block ``W[(c,:),(a,:)]``
+2-core ``BTT``               ``W[(c,d),(a,b)] = sum_s L[c,d,a,s] R[a,c,b,s]``: every ``(a, c)`` block ``W[(c,:),(a,:)]``
                             of shape ``(d, b)`` is an independent matrix of rank <= s, so each block is its own
                             truncated SVD (optimal), singular values split evenly between the two cores.
+``Monarch``                 ``W[(t,l),(a,b)] = sum_j L[l,t,r(a,j)] R[a,j,b]`` over the ``j`` with
+                            ``(a q + j) mod k = l`` (``r = (a q + j) div k``): each pair ``(a, j)`` feeds exactly
+                            one ``(l, a)`` block ``W[(:,l),(a,:)]`` of shape ``(m/k, n/k)``, so every block is an
+                            independent matrix of rank <= its number of pairs, fitted by its truncated SVD
+                            (optimal).
 ``Kronecker``               Van Loan–Pitsianis: ``A`` rearranged so that ``X_1 ⊗ ... ⊗ X_K`` becomes the rank-1
                             tensor ``vec X_1 ∘ ... ∘ vec X_K``. Two parts: the top singular pair (optimal). More
                             parts: the top singular pair taken greedily, one part at a time (exact on members),
@@ -203,7 +208,9 @@ def _fit(op: LinearOperator, A: torch.Tensor, opts: _Options) -> None:
         op.diag.copy_(A.diagonal(dim1=-2, dim2=-1))
     elif isinstance(op, LowRank):
         _fit_lowrank(op, A)
-    elif isinstance(op, Monarch) or (isinstance(op, BlockTensorTrain) and len(op.in_factors) == 2):
+    elif isinstance(op, Monarch):
+        _fit_monarch(op, A)
+    elif isinstance(op, BlockTensorTrain) and len(op.in_factors) == 2:
         _fit_btt2(op, A)
     elif isinstance(op, Scaled):
         if op.scale != 0.0:  # c = 0: every parameter value gives the zero matrix
@@ -265,7 +272,7 @@ def _fit_lowrank(op: LowRank, A: torch.Tensor) -> None:
 
 
 def _fit_btt2(op: LinearOperator, A: torch.Tensor) -> None:
-    """2-core BTT (and Monarch): core0 ``(a, 1, c, b, s)`` holds ``R[a,c,b,s]``, core1 ``(c, s, d, a, 1)`` holds
+    """2-core BTT: core0 ``(a, 1, c, b, s)`` holds ``R[a,c,b,s]``, core1 ``(c, s, d, a, 1)`` holds
     ``L[c,d,a,s]``; the ``(a, c)`` block ``A[(c, :), (a, :)]`` of shape ``(d, b)`` is fitted by its rank-s SVD."""
     core0, core1 = op.core0, op.core1
     a, _, c, b, s = core0.shape[-5:]
@@ -275,6 +282,35 @@ def _fit_btt2(op: LinearOperator, A: torch.Tensor) -> None:
     L, R = _truncated_svd(blocks, s)  # (..., a, c, d, s), (..., a, c, s, b)
     core0.copy_(R.mT.unsqueeze(-4))  # (..., a, 1, c, b, s)
     core1.copy_(L.permute(*range(len(lead)), -3, -1, -2, -4).unsqueeze(-1))  # (..., c, s, d, a, 1)
+
+
+def _fit_monarch(op: Monarch, A: torch.Tensor) -> None:
+    """Monarch (see its module): block ``(l, a)`` of ``A``, rows ``t k + l`` and columns ``a p + b``, is
+    ``sum_j blkdiag2[l, :, r] blkdiag1[a, j, :]`` over the ``j`` of ``a`` that land in ``L``'s block ``l`` (at
+    ``r``); each block is fitted by its truncated SVD, its i-th singular pair going to its i-th such ``j``."""
+    k, q, p = op.blkdiag1.shape[-3:]
+    s = op.blkdiag2.shape[-2]
+    lead = A.shape[:-2]
+    blocks = A.reshape(*lead, s, k, k, p).movedim(-3, -4)  # (..., l, t, a, b) -> [..., l, a] is the (s, p) block
+    blocks = blocks.movedim(-2, -3)  # (..., l, a, t, b)
+    pairs: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (l, a) -> [(j, r), ...] in increasing j
+    for a in range(k):
+        for j in range(q):
+            r, lb = divmod(a * q + j, k)
+            pairs.setdefault((lb, a), []).append((j, r))
+    groups: dict[int, list[tuple[int, int]]] = {}  # blocks by their number of pairs (their rank bound)
+    for la, js in pairs.items():
+        groups.setdefault(len(js), []).append(la)
+    right = op.blkdiag1  # (..., a, j, b)
+    left = op.blkdiag2.transpose(-1, -2)  # (..., l, r, t): a view, written in place
+    for count, members in groups.items():
+        ls = torch.tensor([lb for lb, _ in members])
+        as_ = torch.tensor([a for _, a in members])
+        L, R = _truncated_svd(blocks[..., ls, as_, :, :], count)  # (..., G, s, count), (..., G, count, p)
+        js = torch.tensor([j for la in members for j, _ in pairs[la]])
+        rs = torch.tensor([r for la in members for _, r in pairs[la]])
+        right[..., as_.repeat_interleave(count), js, :] = R.reshape(*lead, -1, p)
+        left[..., ls.repeat_interleave(count), rs, :] = L.mT.reshape(*lead, -1, s)
 
 
 def _fit_block_diagonal(op: BlockDiagonal, A: torch.Tensor, opts: _Options) -> None:

@@ -81,21 +81,26 @@ def _btt_dense(op: sm.BlockTensorTrain) -> torch.Tensor:
 
 
 def _monarch_dense(op: sm.Monarch) -> torch.Tensor:
-    """Dao et al.'s ``W = L P R``: ``R`` block-diagonal with ``nblocks`` blocks ``(nblocks, n / nblocks)``, ``P`` the
-    perfect shuffle that transposes an ``(nblocks, nblocks)`` grid, ``L`` block-diagonal with ``nblocks`` blocks
-    ``(m / nblocks, nblocks)``. The blocks are ``core0[a, 0, :, :, 0]`` and ``core1[c, 0, :, :, 0]``."""
+    """Dao et al.'s Monarch ``W = P_out L P_mid R``: ``R = block_diag(blkdiag1)`` maps n to the ``N = min(m, n)``
+    intermediate entries, ``P_mid`` views them as an ``(N / nblocks, nblocks)`` grid and transposes it,
+    ``L = block_diag(blkdiag2)`` maps N to m, and ``P_out`` transposes the ``(nblocks, m / nblocks)`` output grid."""
     k = op.nblocks
-    shuffle = torch.eye(k * k, dtype=op.core0.dtype).reshape(k, k, k * k).transpose(0, 1).reshape(k * k, k * k)
 
-    def one(r_core: torch.Tensor, l_core: torch.Tensor) -> torch.Tensor:
-        R = torch.block_diag(*[r_core[a, 0, :, :, 0] for a in range(k)])
-        L = torch.block_diag(*[l_core[c, 0, :, :, 0] for c in range(k)])
-        return L @ shuffle @ R
+    def grid_transpose(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """``P x``: x viewed as ``(rows, cols)`` row-major, transposed, flattened."""
+        size = rows * cols
+        return torch.eye(size, dtype=dtype).reshape(rows, cols, size).transpose(0, 1).reshape(size, size)
 
-    r_core, l_core = op.core0.detach(), op.core1.detach()
+    def one(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        R = torch.block_diag(*w1)
+        L = torch.block_diag(*w2)
+        N, m = R.shape[0], L.shape[0]
+        return grid_transpose(k, m // k, R.dtype) @ L @ grid_transpose(N // k, k, R.dtype) @ R
+
+    w1, w2 = op.blkdiag1.detach(), op.blkdiag2.detach()
     if op.heads is None:
-        return one(r_core, l_core)
-    return torch.stack([one(r_core[h], l_core[h]) for h in range(op.heads)])
+        return one(w1, w2)
+    return torch.stack([one(w1[h], w2[h]) for h in range(op.heads)])
 
 
 def _tt_dense(op: sm.TensorTrain) -> torch.Tensor:

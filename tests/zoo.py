@@ -62,6 +62,7 @@ ZOO: dict[str, Callable[[], sm.LinearOperator]] = {
     "btt3": lambda: sm.BTT(12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), dtype=F64),
     "monarch": lambda: sm.Monarch(6, 9, nblocks=3, dtype=F64),
     "monarch_rect": lambda: sm.Monarch(8, 12, nblocks=2, dtype=F64),
+    "monarch_chained": lambda: sm.Monarch(12, 20, nblocks=4, dtype=F64),  # q = 3, k = 4: R and L do not fuse
     "tt": lambda: sm.TT(12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), dtype=F64),
     "mlr": lambda: sm.MLR(12, 8, ranks=[2, 1], blocks=[1, 4], dtype=F64),
     "mlr_unequal": lambda: sm.MLR(9, 7, ranks=[2, 1], blocks=[1, [(4, 3), (5, 4)]], dtype=F64),

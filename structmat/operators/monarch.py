@@ -1,28 +1,53 @@
-"""``Monarch``: ``P L P^T R`` with block-diagonal ``L`` and ``R`` (Dao et al. 2022), a 2-core BTT with bond 1."""
+"""``Monarch``: Dao et al.'s (2022) Monarch matrix, ``P_out L P_mid R`` with block-diagonal ``R`` and ``L``.
+
+Definition (the ``MonarchLinear(in_features, out_features, nblocks)`` layer and ``blockdiag_butterfly_multiply`` of
+the authors' code): with ``k = nblocks``, ``p = n / k``, ``s = m / k`` and ``q = min(p, s)``,
+
+1. ``x`` is viewed as ``(k, p)`` and ``R`` applies ``k`` blocks ``blkdiag1[a]`` of shape ``(q, p)``:
+   ``h[a, j] = sum_b blkdiag1[a, j, b] x[a, b]``, an intermediate of ``N = k q = min(m, n)`` entries;
+2. the intermediate is read as ``(q, k)`` (row-major, ``h[f]`` with ``f = r k + l``) and transposed, so block ``l`` of
+   ``L`` sees the entries ``f = l, l + k, l + 2k, ...``;
+3. ``L`` applies ``k`` blocks ``blkdiag2[l]`` of shape ``(s, q)``: ``z[l, t] = sum_r blkdiag2[l, t, r] h[r k + l]``;
+4. the output is ``z`` transposed and flattened: ``y[t k + l] = z[l, t]``.
+
+As one einsum: ``y[t, l] = sum_{a, j, b} [ (a q + j) mod k = l ] blkdiag2[l, t, (a q + j) div k] blkdiag1[a, j, b]
+x[a, b]``. When ``k`` divides ``q`` (``j = (j1, l)``) or ``q`` divides ``k`` (``a = (a1, a2)``, ``l = (a2, j)``), the
+bracket is a relabelling and the operator is a single tensor network (a 2-core BTT with bond ``q / k`` and permuted
+output modes, respectively a block-diagonal of ``k / q`` such BTTs with bond 1); otherwise the two block-diagonal
+networks are applied one after the other. Either way ``R`` is generically onto ``N`` and ``L`` one-to-one from it,
+so the rank is exactly ``min(m, n)``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import final
 
 import torch
 
 from .._base import LinearOperator
+from .._cost import Rank
 from .._factors import check_int
-from .._family import check_heads
-from .._nodes import NetNode, Node
-from .btt import btt_network
+from .._family import check_heads, define_network
+from .._nodes import ChainNode, NetNode, Node, compose
 
 __all__ = ["Monarch"]
 
 
 @final
 class Monarch(LinearOperator):
-    """A Monarch matrix of shape ``(m, n)`` with ``nblocks`` blocks in each factor.
+    """A Monarch matrix of shape ``(m, n)``: block-diagonal ``R``, a reshape-transpose, block-diagonal ``L``.
 
-    The input splits as ``(nblocks, n / nblocks)`` and the output as ``(nblocks, m / nblocks)``: the first factor
-    ``R`` is block-diagonal with ``nblocks`` blocks of shape ``(nblocks, n / nblocks)``, the second ``L`` (after the
-    transposing permutation) block-diagonal with ``nblocks`` blocks of shape ``(m / nblocks, nblocks)``.
-    ``nblocks`` must divide both ``m`` and ``n``; parameters ``nblocks * (m + n)``.
+    With ``k = nblocks``, ``p = n / k``, ``s = m / k`` and ``q = min(p, s)``: ``R`` has ``k`` blocks of shape
+    ``(q, p)`` (parameter ``blkdiag1``, ``(k, q, p)``), ``L`` has ``k`` blocks of shape ``(s, q)`` (``blkdiag2``,
+    ``(k, s, q)``), and the intermediate of ``k q = min(m, n)`` entries is viewed as ``(k, q)`` after ``R`` and as
+    ``(q, k)``-transposed before ``L``; the output is ``L``'s ``(k, s)`` result transposed to ``(s, k)``. This is
+    the authors' ``MonarchLinear(n, m, nblocks)`` exactly (same parameter layout, see the module documentation):
+    for ``m >= n`` the blocks are ``(n/k, n/k)`` and ``(m/k, n/k)``, for ``m < n`` they are ``(m/k, n/k)`` and
+    ``(m/k, m/k)``.
+
+    Parameters: ``q (m + n) = min(m, n) (m + n) / nblocks`` (``n^2/k + m n/k`` when ``m >= n``). Rank: ``min(m, n)``
+    for generic parameters, exactly. ``nblocks`` must divide ``m`` and ``n``.
 
     Args:
         m: rows.
@@ -33,11 +58,19 @@ class Monarch(LinearOperator):
         device: parameter device.
 
     Example:
-        >>> import structmat as sm
-        >>> A = sm.Monarch(12, 20, nblocks=4)
-        >>> A.num_params, A.rank()
-        (128, Rank(bound=12, exact=True))
+        >>> import torch, structmat as sm
+        >>> A = sm.Monarch(1024, 1024, nblocks=4)
+        >>> tuple(A.blkdiag1.shape), tuple(A.blkdiag2.shape)  # R's blocks, L's blocks
+        ((4, 256, 256), (4, 256, 256))
+        >>> A.num_params, A.rank()  # 1024**2 / 4 + 1024**2 / 4
+        (524288, Rank(bound=1024, exact=True))
+        >>> B = sm.Monarch(12, 20, nblocks=4)  # q = min(5, 3) = 3: blocks (3, 5), then (3, 3)
+        >>> B.num_params, B.rank()  # 3 * (12 + 20)
+        (96, Rank(bound=12, exact=True))
     """
+
+    blkdiag1: torch.nn.Parameter
+    blkdiag2: torch.nn.Parameter
 
     def __init__(
         self,
@@ -49,27 +82,60 @@ class Monarch(LinearOperator):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        where = f"Monarch({m}, {n}, nblocks={nblocks})"
+        where = f"Monarch({m!r}, {n!r}, nblocks={nblocks!r})"
         m = check_int(where, "m", m)
         n = check_int(where, "n", n)
         nblocks = check_int(where, "nblocks", nblocks)
         if m % nblocks or n % nblocks:
             raise ValueError(f"{where}: nblocks must divide m={m} and n={n}")
-        super().__init__((m, n), check_heads(where, heads))
+        heads = check_heads(where, heads)
+        super().__init__((m, n), heads)
         self.nblocks = nblocks
-        self._network = btt_network(
-            self,
-            (nblocks, n // nblocks),
-            (nblocks, m // nblocks),
-            (1,),
-            heads=heads,
-            dtype=dtype,
-            device=device,
-            where=where,
+        k, p, s = nblocks, n // nblocks, m // nblocks
+        q = min(p, s)
+        options = dict(heads=heads, dtype=dtype, device=device, where=where)
+        # R: x[a, b] -> h[a, j], block a of shape (q, p)
+        self._right = define_network(
+            self, [("blkdiag1", ("a", "j", "b"))], dict(a=k, j=q, b=p), ("a", "b"), ("a", "j"), **options
+        )
+        # L: h read as (r, l) -> y[t, l], block l of shape (s, q); the output (t, l) is the final transpose
+        self._left = define_network(
+            self, [("blkdiag2", ("l", "t", "r"))], dict(l=k, t=s, r=q), ("r", "l"), ("t", "l"), **options
         )
 
     def _describe(self) -> tuple[str, str]:
         return "Monarch", f"nblocks={self.nblocks}"
 
     def _lower(self) -> Node:
-        return NetNode(self._network)
+        node = compose([NetNode(self._left), NetNode(self._right)])
+        if isinstance(node, NetNode):  # k | q or q | k: one network, whose cut min(m, n) is the generic rank
+            return NetNode(dataclasses.replace(node.network, vouched=True))
+        return _FullRankChain(node.children if isinstance(node, ChainNode) else [node])
+
+
+class _FullRankChain(ChainNode):
+    """A chain ``C_1 ... C_K`` whose rank is exact when the parts before some point are one-to-one and the rest onto.
+
+    If ``C_1 .. C_j`` each have exact rank equal to their column count and ``C_{j+1} .. C_K`` exact rank equal to their
+    row count (generic parameters), the product has rank exactly the dimension between ``C_j`` and ``C_{j+1}``, which
+    is then the smallest of all: one-to-one maps after an onto one keep its range's dimension. Monarch's two parts
+    (``L`` one-to-one from ``min(m, n)``, ``R`` onto it) are such a chain, and so is its transpose.
+    """
+
+    def rank(self) -> Rank:
+        ranks = [c.rank() for c in self.children]
+        bound = min(r.bound for r in ranks)
+        if not all(r.exact for r in ranks):
+            return Rank(bound, False)
+        if bound == 0:
+            return Rank(0, True)
+        one_to_one = [r.bound == c.n for r, c in zip(ranks, self.children)]
+        onto = [r.bound == c.m for r, c in zip(ranks, self.children)]
+        exact = any(all(one_to_one[:j]) and all(onto[j:]) for j in range(len(ranks) + 1))
+        return Rank(bound, exact)
+
+    def transpose(self) -> Node:
+        return _FullRankChain([c.transpose() for c in reversed(self.children)])
+
+    def scaled(self, c: float) -> Node:
+        return _FullRankChain([*self.children[:-1], self.children[-1].scaled(c)])
