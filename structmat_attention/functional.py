@@ -649,8 +649,10 @@ def _check_features(features: object, where: str) -> list[tuple[Level, torch.Ten
                 f"{where}: features[{i}] needs q (..., T_q, r) and k (..., T_k, r) of one width r, "
                 f"got {tuple(q.shape)} and {tuple(k.shape)}"
             )
-        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c):
-            raise TypeError(f"{where}: features[{i}].scale must be a finite real number, got {c!r}")
+        if isinstance(c, bool) or not isinstance(c, numbers.Real):
+            raise TypeError(f"{where}: features[{i}].scale must be a real number, got {type(c).__name__} {c!r}")
+        if not math.isfinite(c):
+            raise ValueError(f"{where}: features[{i}].scale must be finite, got {c!r}")
         feats.append((lv, q, k, float(c)))
     for side, dim in (("T_q", 1), ("T_k", 2)):
         sizes = [f[dim].shape[-2] for f in feats]

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import structmat as sm
 from structmat_attention import Level, bilinear_scores, structured_attention
@@ -338,3 +340,220 @@ def test_split_under_torch_compile():
     assert sm.bilinear_split(W) is sm.bilinear_split(W)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(scores, backend="eager", fullgraph=True)(x), expected)  # kept: traced
+
+
+# -- pairs that no level joins (issue 8, item 3) ---------------------------------------------------------------------
+
+
+def reference_joined(levels, t_q, t_k, q_offset=0):
+    """(T_q, T_k) bool: some level joins query q_offset + i and key j (a global level joins every pair)."""
+    joined = torch.zeros(t_q, t_k, dtype=torch.bool)
+    for i in range(t_q):
+        for j in range(t_k):
+            qi = i + q_offset
+            for lv in levels:
+                if lv.block_size is not None:
+                    joined[i, j] |= qi // lv.block_size == j // lv.block_size
+                elif lv.window is not None:
+                    joined[i, j] |= abs(qi - j) < lv.window
+                else:
+                    joined[i, j] = True
+    return joined
+
+
+def reference_masked_attention(x_q, x_k, v, levels, causal=False, q_offset=0, mask=None, unjoined="mask"):
+    """softmax over the pairs that are visible (causal, joined unless unjoined='zero', mask), zeros for none."""
+    s = reference_scores(x_q, x_k, levels, q_offset)
+    t_q, t_k = s.shape[-2:]
+    visible = torch.ones(t_q, t_k, dtype=torch.bool)
+    if causal:
+        visible &= torch.arange(t_k)[None, :] <= torch.arange(t_q)[:, None] + q_offset
+    if unjoined == "mask":
+        visible &= reference_joined(levels, t_q, t_k, q_offset)
+    if mask is not None:
+        visible = visible & mask
+    s = s.masked_fill(~visible, -math.inf)
+    heads = s.shape[0]
+    v = v.expand(heads, *v.shape[-2:])
+    out = torch.zeros(heads, t_q, v.shape[-1], dtype=F64)
+    for i in range(t_q):
+        if visible[i].any():
+            out[:, i] = torch.einsum("hk,hkd->hd", torch.softmax(s[:, i], dim=-1), v)
+    return out if any(lv.op.heads for lv in levels) else out[0]
+
+
+LOCAL_LEVELS = {
+    "window": lambda h: [Level(None, lowrank(6, 2, heads=h), window=3)],
+    "blocks": lambda h: [Level(4, lowrank(6, 2, heads=h)), Level(2, lowrank(6, 1, heads=h), 0.6)],
+    "window+blocks": lambda h: [Level(None, lowrank(6, 1, heads=h), window=2), Level(3, lowrank(6, 2, heads=h))],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LOCAL_LEVELS))
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed", "auto"])
+def test_local_levels_mask_unjoined_pairs_by_default(kind, method):
+    h, t = 2, 9
+    levels = LOCAL_LEVELS[kind](h)
+    if method == "sdpa" and any(lv.window is not None for lv in levels):
+        pytest.skip("sdpa rejects windows (tested elsewhere)")
+    x, v = torch.randn(t, 6, dtype=F64), torch.randn(h, t, 3, dtype=F64)
+    for causal in (False, True):
+        out = structured_attention(x, x, v, levels, causal=causal, method=method, key_block=4)
+        torch.testing.assert_close(out, reference_masked_attention(x, x, v, levels, causal))
+        explicit = structured_attention(x, x, v, levels, causal=causal, method=method, key_block=4, unjoined="mask")
+        torch.testing.assert_close(explicit, out)
+    # decoding: the last 4 queries at their absolute positions
+    out = structured_attention(x[-4:], x, v, levels, causal=True, q_offset=t - 4, method=method, key_block=4)
+    torch.testing.assert_close(out, reference_masked_attention(x[-4:], x, v, levels, True, q_offset=t - 4))
+    # a padding mask on top
+    pad = torch.ones(t, t, dtype=torch.bool)
+    pad[:, 1] = False
+    out = structured_attention(x, x, v, levels, mask=pad, method=method, key_block=4)
+    torch.testing.assert_close(out, reference_masked_attention(x, x, v, levels, mask=pad))
+
+
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed", "auto"])
+def test_unjoined_zero_keeps_the_plain_sum(method):
+    h, t = 2, 7
+    levels = LOCAL_LEVELS["blocks"](h)
+    x, v = torch.randn(t, 6, dtype=F64), torch.randn(h, t, 3, dtype=F64)
+    out = structured_attention(x, x, v, levels, causal=True, method=method, key_block=3, unjoined="zero")
+    torch.testing.assert_close(out, reference_masked_attention(x, x, v, levels, True, unjoined="zero"))
+    assert not torch.allclose(out, structured_attention(x, x, v, levels, causal=True, method=method, key_block=3))
+
+
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed"])
+def test_global_level_joins_every_pair_whatever_unjoined(method):
+    h, t = 2, 7
+    levels = [Level(None, lowrank(6, 1, heads=h)), *LOCAL_LEVELS["blocks"](h)]
+    x, v = torch.randn(t, 6, dtype=F64), torch.randn(h, t, 3, dtype=F64)
+    ref = reference_masked_attention(x, x, v, levels, True)
+    for unjoined in (None, "zero", "mask"):
+        out = structured_attention(x, x, v, levels, causal=True, method=method, key_block=3, unjoined=unjoined)
+        torch.testing.assert_close(out, ref)
+
+
+def test_bilinear_scores_unjoined():
+    h, t = 3, 7
+    levels = LOCAL_LEVELS["window+blocks"](h)
+    x = torch.randn(t, 6, dtype=F64)
+    s = reference_scores(x, x, levels)
+    joined = reference_joined(levels, t, t)
+    assert not joined.all()
+    torch.testing.assert_close(bilinear_scores(x, x, levels, unjoined="zero"), s)
+    torch.testing.assert_close(bilinear_scores(x, x, levels), s.masked_fill(~joined, -math.inf))
+    torch.testing.assert_close(
+        bilinear_scores(x[2:5], x, levels, q_offset=2), s[:, 2:5].masked_fill(~joined[2:5], -math.inf)
+    )
+    both = [*levels, Level(None, lowrank(6, 1, heads=h))]
+    torch.testing.assert_close(bilinear_scores(x, x, both), bilinear_scores(x, x, both, unjoined="zero"))
+
+
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed"])
+def test_query_with_no_joined_key_gets_zeros(method):
+    # keys at 0..3 in blocks of 2: queries at positions 4 and 5 share a block with no key
+    W = lowrank(6, 2)
+    x_q, x_k, v = torch.randn(3, 6, dtype=F64), torch.randn(4, 6, dtype=F64), torch.randn(4, 3, dtype=F64)
+    out = structured_attention(x_q, x_k, v, Level(2, W), q_offset=3, method=method, key_block=2)
+    torch.testing.assert_close(out, reference_masked_attention(x_q, x_k, v, [Level(2, W)], q_offset=3))
+    assert torch.equal(out[1:], torch.zeros(2, 3, dtype=F64))
+    x_g = x_q.clone().requires_grad_(True)
+    structured_attention(x_g, x_k, v, Level(2, W), q_offset=3, method=method, key_block=2).sum().backward()
+    assert torch.isfinite(x_g.grad).all() and torch.equal(x_g.grad[1:], torch.zeros(2, 6, dtype=F64))
+
+
+@pytest.mark.parametrize("method", ["scores", "streamed", "auto"])
+def test_local_levels_gradcheck(method):
+    levels = LOCAL_LEVELS["window+blocks"](2)
+    x = torch.randn(6, 6, dtype=F64, requires_grad=True)
+    v = torch.randn(2, 6, 3, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, v: structured_attention(x, x, v, levels, causal=True, method=method, key_block=4), (x, v)
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    t=st.integers(1, 8),
+    sizes=st.lists(st.tuples(st.sampled_from(["block", "window"]), st.integers(1, 5)), min_size=1, max_size=3),
+    causal=st.booleans(),
+    offset=st.integers(0, 3),
+    key_block=st.integers(1, 4),
+)
+def test_local_levels_property(t, sizes, causal, offset, key_block):
+    torch.manual_seed(t)
+    levels = [
+        Level(size, lowrank(4, 1)) if kind == "block" else Level(None, lowrank(4, 1), window=size)
+        for kind, size in sizes
+    ]
+    x_k = torch.randn(t + offset, 4, dtype=F64)
+    x_q, v = x_k[offset:], torch.randn(t + offset, 2, dtype=F64)
+    ref = reference_masked_attention(x_q, x_k, v, levels, causal, q_offset=offset)
+    for method in ("scores", "streamed"):
+        out = structured_attention(x_q, x_k, v, levels, causal, q_offset=offset, method=method, key_block=key_block)
+        torch.testing.assert_close(out, ref)
+
+
+# -- an additive mask that requires grad (issue 8, item 9) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 7, 7), (7, 7), (1, 7), (7, 1)])
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed"])
+def test_additive_mask_gets_its_gradient(method, mask_shape):
+    h, t = 2, 7
+    levels = [Level(None, lowrank(6, 2, heads=h)), Level(3, lowrank(6, 1, heads=h))]
+    x, v = torch.randn(t, 6, dtype=F64), torch.randn(h, t, 3, dtype=F64)
+    weight = torch.randn(h, t, 3, dtype=F64)
+    mask = torch.randn(mask_shape, dtype=F64, requires_grad=True)
+    # reference from the math: dense scores + mask, causal -inf, softmax, values
+    s = reference_scores(x, x, levels) + mask
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -math.inf)
+    ((torch.softmax(s, -1) @ v) * weight).sum().backward()
+    expected, mask.grad = mask.grad.clone(), None
+    out = structured_attention(x, x, v, levels, causal=True, mask=mask, method=method, key_block=3)
+    (out * weight).sum().backward()
+    assert mask.grad is not None and mask.grad.shape == mask_shape
+    torch.testing.assert_close(mask.grad, expected)
+
+
+def test_streamed_mask_gradcheck():
+    levels = [Level(None, lowrank(4, 2, heads=2)), Level(2, lowrank(4, 1, heads=2))]
+    x, v = torch.randn(5, 4, dtype=F64), torch.randn(2, 5, 3, dtype=F64)
+    mask = torch.randn(2, 5, 5, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda m: structured_attention(x, x, v, levels, causal=True, mask=m, method="streamed", key_block=2), (mask,)
+    )
+
+
+# -- edge values (issue 8, item 14) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed", "auto"])
+def test_no_keys_gives_zeros_on_every_method(method):
+    W = lowrank(6, 2, heads=2)
+    x_q = torch.randn(3, 6, dtype=F64, requires_grad=True)
+    x_k, v = torch.randn(0, 6, dtype=F64), torch.randn(2, 0, 4, dtype=F64)
+    out = structured_attention(x_q, x_k, v, W, causal=True, method=method, key_block=2)
+    assert torch.equal(out, torch.zeros(2, 3, 4, dtype=F64))
+    out.sum().backward()
+    assert torch.equal(x_q.grad, torch.zeros(3, 6, dtype=F64))
+
+
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed", "auto"])
+def test_no_queries_on_every_method(method):
+    W = lowrank(6, 2, heads=2)
+    x, v = torch.randn(5, 6, dtype=F64), torch.randn(2, 5, 4, dtype=F64)
+    out = structured_attention(x[:0], x, v, W, causal=True, q_offset=5, method=method, key_block=2)
+    assert out.shape == (2, 0, 4)
+
+
+def test_numpy_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    W = lowrank(6, 2)
+    x, v = torch.randn(7, 6, dtype=F64), torch.randn(7, 3, dtype=F64)
+    expected = structured_attention(x[3:], x, v, Level(2, W), causal=True, q_offset=3, key_block=2)
+    out = structured_attention(
+        x[3:], x, v, Level(np.int64(2), W), causal=True, q_offset=np.int64(3), key_block=np.int64(2)
+    )
+    torch.testing.assert_close(out, expected)
+    assert type(Level(np.int64(2), W).block_size) is int and type(Level(None, W, window=np.int32(3)).window) is int
