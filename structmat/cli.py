@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +24,11 @@ from typing import Any
 from ._base import LinearOperator
 from .expr import REGISTRY, parse, to_expr
 
-__all__ = ["main", "info"]
+__all__ = ["main", "info", "EXIT_BROKEN_PIPE"]
+
+#: Exit status when the reader of stdout goes away early (``structmat info ... | head``): 128 + SIGPIPE, what a shell
+#: reports for a tool that SIGPIPE ended, so that ``set -o pipefail`` scripts still see that the output was cut.
+EXIT_BROKEN_PIPE = 141
 
 _EPILOG = """examples:
   structmat info "dense(1024, 16) @ dense(16, 1024)"
@@ -139,7 +144,8 @@ def _text(op: LinearOperator, facts: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``structmat`` command line; returns the exit status (0 ok, 2 for a usage or parse error).
+    """Run the ``structmat`` command line; returns the exit status (0 ok, 2 for a usage or parse error, 141 when the
+    reader of the output went away early, as in ``structmat info ... | head``: no traceback, no message).
 
     Args:
         argv: the arguments after the program name (``sys.argv[1:]`` when None).
@@ -154,10 +160,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         ...
         0
     """
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's last flush of what is still buffered does not fail
+    again on the closed pipe (and print "Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured): nothing to flush
+        pass
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2): report the status instead of exiting
+        sys.stdout.flush()  # argparse ignores a failed write of the help; a closed pipe shows here
         return int(e.code or 0)
     if args.command != "info":
         parser.print_help(sys.stderr)
@@ -168,8 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     facts = info(op, args.batch)
-    if args.json:
-        print(json.dumps(facts))
-    else:
-        print(_text(op, facts))
+    print(json.dumps(facts) if args.json else _text(op, facts))
+    sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
     return 0

@@ -1,26 +1,33 @@
-"""Operator expressions: build an operator from text, and write an operator back as text.
+r"""Operator expressions: build an operator from text, and write an operator back as text.
 
 ``parse("lowrank(1024, 1024, rank=16) + 0.5 * dense(1024, 1024).T")`` builds the operator the text describes, through
 a whitelist grammar; ``to_expr(op)`` writes an expression that parses back to an operator of the same structure (same
-classes, shapes, nesting and scales; the parameters are new). The text is never handed to ``eval``: a hand-written
-tokenizer and a recursive-descent parser accept only the grammar below, and only the names in :data:`REGISTRY` can be
-called.
+classes, shapes, heads, nesting, scales and sharing; the parameters are new). The text is never handed to ``eval``: a
+hand-written tokenizer and a recursive-descent parser accept only the grammar below, and only the names in
+:data:`REGISTRY` can be called.
 
 Grammar (precedence as in Python; ``.T`` binds tightest, then unary minus, then ``@ * /``, then ``+ -``)::
 
+    program  := (NAME "=" expr ";")* expr
     expr     := term (("+" | "-") term)*
     term     := unary (("@" | "*" | "/") unary)*
     unary    := "-" unary | postfix
     postfix  := primary (".T")*
-    primary  := NUMBER | NAME "(" [args] ")" | "(" expr ")" | "[" [expr ("," expr)*] "]"
+    primary  := NUMBER | STRING | NAME | NAME "(" [args] ")" | "(" expr ")"
+              | "(" expr "," [expr ("," expr)*] [","] ")" | "[" [expr ("," expr)*] [","] "]"
     args     := arg ("," arg)* [","]          (keyword arguments after the positional ones)
     arg      := expr | NAME "=" expr
 
-Values are numbers (``8``, ``0.5``, ``1e-3``, ``1_000_000``), lists of them (``[1, 2, 4]``, nested for per-level block
-sizes) and operators. Numbers combine with numbers (``2 * 512``); an operator is scaled by a number (``2.5 * A``,
-``A * 2.5``, ``A / 4``, ``-A``); operators combine with ``+ - @``. A chain ``A + B - C`` builds one n-ary ``Sum`` (of
-``A``, ``B`` and ``-1.0 * C``) and ``A @ B @ C`` one n-ary ``Product``; parentheses nest. ``A.T`` builds
-``Transpose(A)``, also when ``A`` is itself a transpose, so that every structure has exactly one expression.
+Values are numbers (``8``, ``0.5``, ``1e-3``, ``1_000_000``), strings (``"y[o] = U[o,r] V[r,i] x[i]"``, in single or
+double quotes, with the escapes ``\\ \" \' \n \t \r``), lists ``[1, 2]`` and tuples ``(1, 2)``, ``(1,)`` of any
+values, mappings ``dict(o=5, i=7)`` and operators. Numbers combine with numbers (``2 * 512``); an operator is scaled by
+a number (``2.5 * A``, ``A * 2.5``, ``A / 4``, ``-A``); operators combine with ``+ - @``. A chain ``A + B - C`` builds
+one n-ary ``Sum`` (of ``A``, ``B`` and ``-1.0 * C``) and ``A @ B @ C`` one n-ary ``Product``; parentheses nest.
+
+``A.T`` is ``A``'s transpose as Python's ``A.T`` gives it: ``Transpose(A)``, and ``A`` itself when ``A`` is a transpose
+(so ``A.T.T`` is ``A``, however long the chain); ``transpose(A)`` builds ``Transpose(A)`` even then. An assignment
+``v = expr;`` names a value, and every use of ``v`` is the same object: ``v = dense(5, 5); v + v.T`` shares ``v``'s
+parameters between the two terms (that is how :func:`to_expr` writes an operator used twice).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import importlib
 import inspect
 import numbers
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +44,7 @@ import torch
 
 from ._base import LinearOperator
 from .combinators import BlockDiagonal, Kronecker, Product, Scaled, Sum, Transpose
-from .operators import Dense, Diagonal, Identity, Permutation, TensorNetwork
+from .operators import Dense, Diagonal, Identity, MultiLevel, Permutation, TensorNetwork
 
 __all__ = ["parse", "to_expr", "REGISTRY"]
 
@@ -66,22 +73,32 @@ class _Family:
         return f"structmat.{self.attr}"
 
 
-def _permute_axes(sizes: list[int], order: list[int]) -> Permutation:
+def _permute_axes(sizes: Sequence[int], order: Sequence[int]) -> Permutation:
     """``Permutation.from_axes(sizes, order)``: view the input as ``sizes``, permute the axes, flatten."""
     return Permutation.from_axes(sizes, order)
+
+
+def _mapping(**items: Any) -> dict[str, Any]:
+    """``dict(o=5, i=7)``: a mapping from names to values (the ``sizes`` of a ``tensor_network``)."""
+    return dict(items)
 
 
 #: The names an expression may call. Each maps to a constructor that takes the call's positional and keyword
 #: arguments; ``dtype``/``device`` are passed on to every constructor whose signature names them. A new family adds one
 #: line here (and one printer in ``_FAMILY_PRINTERS`` below, for :func:`to_expr`).
-REGISTRY: dict[str, Callable[..., LinearOperator]] = {
+REGISTRY: dict[str, Callable[..., Any]] = {
     "dense": Dense,
     "identity": Identity,
     "diag": Diagonal,
     "diagonal": Diagonal,
     "kron": Kronecker,
     "block_diag": BlockDiagonal,
+    "transpose": Transpose,
+    "permutation": Permutation,
     "permute_axes": _permute_axes,
+    "tensor_network": TensorNetwork,
+    "multilevel": MultiLevel,
+    "dict": _mapping,
     "lowrank": _Family("LowRank"),
     "btt": _Family("BlockTensorTrain"),
     "monarch": _Family("Monarch"),
@@ -90,6 +107,7 @@ REGISTRY: dict[str, Callable[..., LinearOperator]] = {
 }
 
 _RESERVED_KEYWORDS = ("dtype", "device")
+_SHOWN = 60  # characters of the text shown on either side of an error's position
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -105,6 +123,11 @@ def _error(text: str, pos: int, message: str, detail: str = "") -> ValueError:
             break
         start += len(line) + 1
     shown = lines[row] if lines else ""
+    if len(shown) > 2 * _SHOWN:  # a window around the position, not a line of thousands of characters
+        left = max(0, col - _SHOWN)
+        right = min(len(shown), col + _SHOWN)
+        head, tail = ("..." if left else ""), ("..." if right < len(shown) else "")
+        shown, col = head + shown[left:right] + tail, col - left + len(head)
     return ValueError(f"structmat.parse: {message} at position {pos}{detail}\n    {shown}\n    {' ' * col}^")
 
 
@@ -114,15 +137,38 @@ def _error(text: str, pos: int, message: str, detail: str = "") -> ValueError:
 _DIGITS = r"[0-9](?:_?[0-9])*"
 _NUMBER = re.compile(rf"(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][+-]?{_DIGITS})?")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PUNCT = "+-*/@()[],=."
+_PUNCT = "+-*/@()[],=.;"
+_ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t", "r": "\r"}
 _MAX_DEPTH = 100
 
 
 @dataclass(frozen=True)
 class _Token:
-    kind: str  # "num", "name", "op" or "end"
-    text: str
+    kind: str  # "num", "str", "name", "op" or "end"
+    text: str  # for "str": the string's value, escapes resolved
     pos: int
+
+
+def _string(text: str, pos: int) -> tuple[str, int]:
+    """The string literal opening at ``pos``: ``(value, position after the closing quote)``."""
+    quote = text[pos]
+    out = []
+    k = pos + 1
+    while k < len(text):
+        ch = text[k]
+        if ch == quote:
+            return "".join(out), k + 1
+        if ch == "\\":
+            esc = text[k + 1 : k + 2]
+            if esc not in _ESCAPES:
+                bad = "\\" + esc
+                raise _error(text, k, f"unknown escape {bad!r} in a string", r" (known: \\ \" \' \n \t \r)")
+            out.append(_ESCAPES[esc])
+            k += 2
+            continue
+        out.append(ch)
+        k += 1
+    raise _error(text, pos, f"unterminated string: {quote} is never closed")
 
 
 def _tokenize(text: str) -> list[_Token]:
@@ -143,6 +189,11 @@ def _tokenize(text: str) -> list[_Token]:
             tokens.append(_Token("name", name.group(), pos))
             pos = name.end()
             continue
+        if ch in "\"'":
+            value, end = _string(text, pos)
+            tokens.append(_Token("str", value, pos))
+            pos = end
+            continue
         if ch in _PUNCT:
             tokens.append(_Token("op", ch, pos))
             pos += 1
@@ -162,9 +213,22 @@ class _Num:
 
 
 @dataclass(frozen=True)
+class _Str:
+    pos: int
+    value: str
+
+
+@dataclass(frozen=True)
+class _Var:
+    pos: int
+    name: str
+
+
+@dataclass(frozen=True)
 class _List:
     pos: int
     items: tuple[_Expr, ...]
+    tuple: bool = False  # "(a, b)" rather than "[a, b]"
 
 
 @dataclass(frozen=True)
@@ -184,8 +248,11 @@ class _Neg:
 
 @dataclass(frozen=True)
 class _T:
-    pos: int  # position of the "."
+    """``operand.T.T...``: ``count`` transposes in a row (a chain is one node, however long)."""
+
+    pos: int  # position of the first "."
     operand: _Expr
+    count: int
 
 
 @dataclass(frozen=True)
@@ -197,7 +264,15 @@ class _Chain:
     rest: tuple[tuple[str, int, _Expr], ...]  # (operator, its position, operand)
 
 
-_Expr = _Num | _List | _Call | _Neg | _T | _Chain
+_Expr = _Num | _Str | _Var | _List | _Call | _Neg | _T | _Chain
+
+
+@dataclass(frozen=True)
+class _Program:
+    """``v1 = e1; v2 = e2; body``."""
+
+    bindings: tuple[tuple[str, int, _Expr], ...]  # (name, its position, value)
+    body: _Expr
 
 
 class _Parser:
@@ -206,6 +281,7 @@ class _Parser:
         self.tokens = _tokenize(text)
         self.k = 0
         self.depth = 0
+        self.bound: set[str] = set()
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     @property
@@ -216,30 +292,63 @@ class _Parser:
         return self.tok.kind == "op" and self.tok.text == text
 
     def describe(self, tok: _Token) -> str:
+        if tok.kind == "str":
+            return "a string"
         return "end of input" if tok.kind == "end" else repr(tok.text)
 
     def fail(self, message: str, tok: _Token | None = None, detail: str = "") -> ValueError:
         tok = self.tok if tok is None else tok
         return _error(self.text, tok.pos, message, detail)
 
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > _MAX_DEPTH:
+            raise self.fail(f"expression nested too deeply (more than {_MAX_DEPTH} levels)")
+
+    def assignment_ahead(self) -> bool:
+        nxt = self.tokens[self.k + 1] if self.k + 1 < len(self.tokens) else self.tok
+        return self.tok.kind == "name" and nxt.kind == "op" and nxt.text == "="
+
     # -- grammar -----------------------------------------------------------------------------------------------------
-    def parse(self) -> _Expr:
+    def parse(self) -> _Program:
         if self.tok.kind == "end":
             raise self.fail("empty expression")
+        bindings = []
+        while self.assignment_ahead():
+            bindings.append(self.assignment())
         node = self.expr()
         if self.tok.kind != "end":
             if self.at(")"):
                 raise self.fail("unbalanced parentheses: ')' without a matching '('")
             if self.at("]"):
                 raise self.fail("unbalanced brackets: ']' without a matching '['")
+            if self.at("=") and isinstance(node, (_Var, _Call)):
+                raise self.fail("unexpected '='", detail="; an assignment is NAME = expression; (before the result)")
             detail = "; expected an operator (+ - @ * /) or the end"
             raise self.fail(f"unexpected {self.describe(self.tok)}", detail=detail)
-        return node
+        return _Program(tuple(bindings), node)
+
+    def assignment(self) -> tuple[str, int, _Expr]:
+        name = self.tok
+        if name.text in REGISTRY:
+            raise self.fail(f"cannot assign to {name.text!r}", name, "; it is a registered name")
+        if name.text in self.bound:
+            raise self.fail(f"{name.text!r} is assigned twice", name)
+        self.k += 2
+        value = self.expr()
+        if not self.at(";"):
+            raise self.fail(
+                f"expected ';' after the assignment to {name.text!r}, found {self.describe(self.tok)}",
+                detail="; the result expression comes last",
+            )
+        self.k += 1
+        if self.tok.kind == "end":
+            raise self.fail("unexpected end of input after ';'", detail="; the result expression comes last")
+        self.bound.add(name.text)
+        return name.text, name.pos, value
 
     def expr(self) -> _Expr:
-        self.depth += 1
-        if self.depth > _MAX_DEPTH:
-            raise self.fail(f"expression nested too deeply (more than {_MAX_DEPTH} levels)")
+        self.enter()
         start = self.tok.pos
         first = self.term()
         rest = []
@@ -266,9 +375,7 @@ class _Parser:
         if self.at("-"):
             tok = self.tok
             self.k += 1
-            self.depth += 1
-            if self.depth > _MAX_DEPTH:
-                raise self.fail(f"expression nested too deeply (more than {_MAX_DEPTH} levels)")
+            self.enter()
             node = _Neg(tok.pos, self.unary())
             self.depth -= 1
             return node
@@ -278,13 +385,15 @@ class _Parser:
 
     def postfix(self) -> _Expr:
         node = self.primary()
+        first_dot, count = None, 0
         while True:
             if self.at("."):
                 dot = self.tok
                 self.k += 1
                 if self.tok.kind == "name" and self.tok.text == "T":
                     self.k += 1
-                    node = _T(dot.pos, node)
+                    first_dot = dot if first_dot is None else first_dot
+                    count += 1
                     continue
                 what = f"'.{self.tok.text}'" if self.tok.kind == "name" else "'.'"
                 raise self.fail(f"attribute access {what} is not allowed", dot, " (only .T, the transpose)")
@@ -292,23 +401,34 @@ class _Parser:
                 raise self.fail("call of an expression", detail="; only whitelisted names can be called")
             if self.at("["):
                 raise self.fail("indexing is not allowed")
-            return node
+            return _T(first_dot.pos, node, count) if first_dot is not None else node
 
     def primary(self) -> _Expr:
         tok = self.tok
         if tok.kind == "num":
             self.k += 1
             return _Num(tok.pos, self.number(tok))
+        if tok.kind == "str":
+            self.k += 1
+            return _Str(tok.pos, tok.text)
         if tok.kind == "name":
             self.k += 1
+            if tok.text in self.bound:
+                return _Var(tok.pos, tok.text)
             if tok.text not in REGISTRY:
-                raise self.fail(f"unknown name {tok.text!r}", tok, f"; known names: {', '.join(sorted(REGISTRY))}")
+                known = ", ".join(sorted(REGISTRY))
+                variables = f"; assigned names: {', '.join(sorted(self.bound))}" if self.bound else ""
+                raise self.fail(f"unknown name {tok.text!r}", tok, f"; known names: {known}{variables}")
             if not self.at("("):
                 raise self.fail(f"{tok.text!r} is not called", tok, f"; write {tok.text}(...)")
             return self.call(tok)
         if self.at("("):
             self.k += 1
             node = self.expr()
+            if self.at(","):
+                self.k += 1
+                items = [node, *self.list_items(")", "tuple", tok)]
+                return _List(tok.pos, tuple(items), tuple=True)
             if not self.at(")"):
                 if self.tok.kind == "end":
                     raise self.fail("unbalanced parentheses: '(' is never closed", tok)
@@ -317,7 +437,7 @@ class _Parser:
             return node
         if self.at("["):
             self.k += 1
-            items = self.list_items("]", "list")
+            items = self.list_items("]", "list", tok)
             return _List(tok.pos, tuple(items))
         if tok.kind == "end":
             raise self.fail("unexpected end of input", detail="; expected a number, a name or '('")
@@ -341,14 +461,14 @@ class _Parser:
         except ValueError:
             raise self.fail(f"number {tok.text[:20]!r} is too long", tok) from None
 
-    def list_items(self, close: str, what: str) -> list[_Expr]:
-        opener = self.tokens[self.k - 1]
+    def list_items(self, close: str, what: str, opener: _Token) -> list[_Expr]:
         items: list[_Expr] = []
         while not self.at(close):
             if self.tok.kind != "end":
                 items.append(self.expr())
             if self.tok.kind == "end":
-                raise self.fail(f"unbalanced brackets: {opener.text!r} is never closed", opener)
+                kind = "parentheses" if opener.text == "(" else "brackets"
+                raise self.fail(f"unbalanced {kind}: {opener.text!r} is never closed", opener)
             if self.at(","):
                 self.k += 1
             elif not self.at(close):
@@ -361,14 +481,14 @@ class _Parser:
         self.k += 1
         args: list[_Expr] = []
         kwargs: list[tuple[str, int, _Expr]] = []
+        free_keywords = REGISTRY.get(name.text) is _mapping  # dict(...) takes any name, dtype and device included
         while not self.at(")"):
             if self.tok.kind == "end":
                 raise self.fail("unbalanced parentheses: '(' is never closed", opener)
-            nxt = self.tokens[self.k + 1]
-            if self.tok.kind == "name" and nxt.kind == "op" and nxt.text == "=":
+            if self.assignment_ahead():
                 key = self.tok
                 self.k += 2
-                if key.text in _RESERVED_KEYWORDS:
+                if key.text in _RESERVED_KEYWORDS and not free_keywords:
                     raise self.fail(
                         f"keyword {key.text!r} of {name.text}() is not allowed",
                         key,
@@ -395,7 +515,7 @@ class _Parser:
 # ----------------------------------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------------------------------
-_Value = int | float | list | LinearOperator
+_Value = int | float | str | list | tuple | dict | LinearOperator
 
 
 def _is_number(v: Any) -> bool:
@@ -405,9 +525,9 @@ def _is_number(v: Any) -> bool:
 def _kind(v: Any) -> str:
     if _is_number(v):
         return "a number"
-    if isinstance(v, list):
-        return "a list"
-    return "an operator"
+    if isinstance(v, LinearOperator):
+        return "an operator"
+    return {str: "a string", list: "a list", tuple: "a tuple", dict: "a mapping"}.get(type(v), type(v).__name__)
 
 
 def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
@@ -422,19 +542,24 @@ class _Builder:
         self.text = text
         self.dtype = dtype
         self.device = device
+        self.env: dict[str, _Value] = {}
 
     def fail(self, pos: int, message: str, detail: str = "") -> ValueError:
         return _error(self.text, pos, message, detail)
 
+    def program(self, tree: _Program) -> _Value:
+        for name, _, value in tree.bindings:
+            self.env[name] = self.build(value)
+        return self.build(tree.body)
+
     def build(self, node: _Expr) -> _Value:
-        if isinstance(node, _Num):
+        if isinstance(node, (_Num, _Str)):
             return node.value
+        if isinstance(node, _Var):
+            return self.env[node.name]
         if isinstance(node, _List):
             items = [self.build(item) for item in node.items]
-            for item, sub in zip(items, node.items):
-                if isinstance(item, LinearOperator):
-                    raise self.fail(sub.pos, "a list holds numbers or lists, not operators")
-            return items
+            return tuple(items) if node.tuple else items
         if isinstance(node, _Neg):
             value = self.build(node.operand)
             if _is_number(value):
@@ -443,7 +568,9 @@ class _Builder:
             return self.op(node.pos, "-", lambda: Scaled(target, -1.0))
         if isinstance(node, _T):
             value = self.need_op(node.operand.pos, self.build(node.operand), ".T")
-            return self.op(node.pos, ".T", lambda: Transpose(value))
+            if node.count % 2 == 0:  # A.T.T is A, as in Python
+                return value
+            return self.op(node.pos, ".T", lambda: value.T)
         if isinstance(node, _Chain):
             if node.rest[0][0] in "+-":
                 return self.sum(node)
@@ -471,9 +598,9 @@ class _Builder:
         values = [self.build(node.first)] + [self.build(x) for _, _, x in node.rest]
         subs = [node.first] + [x for _, _, x in node.rest]
         ops = [(None, node.pos)] + [(op, pos) for op, pos, _ in node.rest]
-        for value, sub, (_op, _pos) in zip(values, subs, ops):
-            if isinstance(value, list):
-                raise self.fail(sub.pos, "a list cannot be added or subtracted")
+        for value, sub in zip(values, subs):
+            if not (_is_number(value) or isinstance(value, LinearOperator)):
+                raise self.fail(sub.pos, f"{_kind(value)} cannot be added or subtracted")
         if all(_is_number(v) for v in values):
             total = values[0]
             for v, (op, pos) in zip(values[1:], ops[1:]):
@@ -489,14 +616,14 @@ class _Builder:
 
     def product(self, node: _Chain) -> _Value:
         acc = self.build(node.first)
-        if isinstance(acc, list):
-            raise self.fail(node.first.pos, "a list cannot be multiplied")
+        if not (_is_number(acc) or isinstance(acc, LinearOperator)):
+            raise self.fail(node.first.pos, f"{_kind(acc)} cannot be multiplied")
         chain: list[LinearOperator] = []  # operands of the @-chain in progress
         chain_pos = 0
         for op, pos, sub in node.rest:
             value = self.build(sub)
-            if isinstance(value, list):
-                raise self.fail(sub.pos, "a list cannot be multiplied")
+            if not (_is_number(value) or isinstance(value, LinearOperator)):
+                raise self.fail(sub.pos, f"{_kind(value)} cannot be multiplied")
             if op == "@":
                 if _is_number(acc) or _is_number(value):
                     raise self.fail(pos, "'@' with a number", "; '@' composes operators, '*' scales by a number")
@@ -602,7 +729,7 @@ def parse(text: str, *, dtype: torch.dtype | None = None, device: torch.device |
     if not isinstance(text, str):
         raise TypeError(f"structmat.parse: text must be a str, got {type(text).__name__}")
     tree = _Parser(text).parse()
-    value = _Builder(text, dtype, device).build(tree)
+    value = _Builder(text, dtype, device).program(tree)
     if not isinstance(value, LinearOperator):
         raise _error(text, 0, f"the expression is {_kind(value)}, not an operator")
     return value
@@ -613,16 +740,30 @@ def parse(text: str, *, dtype: torch.dtype | None = None, device: torch.device |
 # ----------------------------------------------------------------------------------------------------------------------
 # Precedence levels of printed forms: an operand printed below the level its position needs gets parentheses.
 _SUM, _MUL, _UNARY, _POSTFIX = 1, 2, 3, 4
+_STRING_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _quote(text: str) -> str:
+    """A string literal that the tokenizer reads back as ``text``."""
+    return '"' + "".join(_STRING_ESCAPES.get(ch, ch) for ch in text) + '"'
 
 
 def _literal(value: Any) -> str:
-    """A keyword value as text: ints, floats (repr, which round-trips exactly) and (nested) sequences of them."""
+    """An argument as text: ints, floats (repr, which round-trips exactly), strings, mappings with identifier keys
+    (``dict(a=1)``) and (nested) sequences of them."""
     if isinstance(value, bool):
         raise ValueError(f"to_expr: cannot write the value {value!r}")
     if isinstance(value, numbers.Integral):
         return str(int(value))
     if isinstance(value, numbers.Real):
         return repr(float(value))
+    if isinstance(value, str):
+        return _quote(value)
+    if isinstance(value, Mapping):
+        for key in value:
+            if not (isinstance(key, str) and _NAME.fullmatch(key)):
+                raise ValueError(f"to_expr: cannot write the mapping key {key!r} (keys are names)")
+        return "dict(" + ", ".join(f"{k}={_literal(v)}" for k, v in value.items()) + ")"
     if isinstance(value, torch.Size) or isinstance(value, (list, tuple)):
         return "[" + ", ".join(_literal(v) for v in value) + "]"
     raise ValueError(f"to_expr: cannot write the value {value!r} of type {type(value).__name__}")
@@ -640,14 +781,37 @@ def _ranks(ranks: tuple[int, ...]) -> int | list[int]:
 
 
 def _train(name: str, op: Any) -> str:
-    """``btt(...)``/``tt(...)``: the factor splits are left out when they are the constructor's default."""
-    from ._factors import balanced_factors
-
+    """``btt(...)``/``tt(...)``: the factor splits are left out when the constructor would choose the same ones."""
     fin, fout = tuple(op.in_factors), tuple(op.out_factors)
     m, n = op.shape
-    default = len(fin) == 2 and fin == balanced_factors(n, 2) and fout == balanced_factors(m, 2)
-    splits = {} if default else {"in_factors": list(fin), "out_factors": list(fout)}
-    return _call(name, m, n, ranks=_ranks(tuple(op.ranks)), **splits, heads=op.heads)
+    ranks = _ranks(tuple(op.ranks))
+    splits: dict[str, Any] = {"in_factors": list(fin), "out_factors": list(fout)}
+    try:
+        plain = type(op)(m, n, ranks=ranks, heads=op.heads, device="meta")
+    except (TypeError, ValueError):  # these ranks need the explicit splits
+        plain = None
+    if plain is not None and (tuple(plain.in_factors), tuple(plain.out_factors)) == (fin, fout):
+        splits = {}
+    return _call(name, m, n, ranks=ranks, **splits, heads=op.heads)
+
+
+def _tensor_network(op: TensorNetwork) -> str:
+    """``tensor_network(spec, sizes=dict(...), heads=H)`` with the size of every label, read from the factors' shapes
+    and the network's input and output modes."""
+    from .operators.tensor_network import _parse as parse_spec
+
+    out, terms = parse_spec(op.spec)
+    lead = 0 if op.heads is None else 1
+    known: dict[str, int] = {}
+    for name, labels in terms:
+        if name != "x":
+            known.update(zip(labels, getattr(op, name).shape[lead:]))
+    network = op._network
+    known.update(zip(dict(terms)["x"], (size for _, size in network.in_modes)))
+    known.update(zip(out, (size for _, size in network.out_modes)))
+    order = [*out, *(lab for _, labels in terms for lab in labels)]
+    sizes = {lab: int(known[lab]) for lab in dict.fromkeys(order)}
+    return _call("tensor_network", op.spec, sizes=sizes, heads=op.heads)
 
 
 #: Printers of the families, keyed by their class name on the ``structmat`` package (looked up when ``to_expr`` runs,
@@ -678,64 +842,151 @@ def _level_blocks(shape: tuple[int, int], part: Sequence[tuple[int, int]]) -> in
     return [list(b) for b in part]
 
 
-def _print(op: LinearOperator) -> tuple[str, int]:
-    """``(text, precedence)`` of ``op``."""
-    if isinstance(op, (Sum, Product)) and len(op._operands()) == 1:
-        return _print(op._operands()[0])
-    if isinstance(op, Sum):
-        parts = [_operand(op.terms[0], _MUL)]
-        for term in list(op.terms)[1:]:
-            if isinstance(term, Scaled) and term.scale == -1.0:
-                parts.append("- " + _operand(term.op, _MUL))
-            else:
-                parts.append("+ " + _operand(term, _MUL))
-        return " ".join(parts), _SUM
-    if isinstance(op, Product):
-        parts = [_operand(f, _UNARY) for f in op.factors]
-        return " @ ".join(parts), _MUL
-    if isinstance(op, Scaled):
-        if op.scale == -1.0:
-            return "-" + _operand(op.op, _UNARY), _UNARY
-        return f"{op.scale!r} * {_operand(op.op, _UNARY)}", _MUL
-    if isinstance(op, Transpose):
-        return _operand(op.op, _POSTFIX) + ".T", _POSTFIX
-    if isinstance(op, Kronecker):
-        return "kron(" + ", ".join(to_expr(p) for p in op.parts) + ")", _POSTFIX
-    if isinstance(op, BlockDiagonal):
-        return "block_diag(" + ", ".join(to_expr(b) for b in op.blocks) + ")", _POSTFIX
-    if isinstance(op, Dense):
-        return _call("dense", *op.shape, heads=op.heads), _POSTFIX
-    if isinstance(op, Identity):
-        return _call("identity", op.shape[0], heads=op.heads), _POSTFIX
-    if isinstance(op, Diagonal):
-        return _call("diag", op.shape[0], heads=op.heads), _POSTFIX
-    if isinstance(op, Permutation):
-        axes = op._axes  # set only by Permutation.from_axes: a reshape-transpose, which has an expression
-        if axes is None:
+_COMPOSITES = (Sum, Product, Scaled, Transpose, Kronecker, BlockDiagonal, MultiLevel)
+
+
+def _children(op: LinearOperator) -> tuple[LinearOperator, ...]:
+    """The operands the printer writes out (a family is written by its arguments, so it has none here)."""
+    return op._operands() if isinstance(op, _COMPOSITES) else ()
+
+
+def _walk(root: LinearOperator) -> tuple[dict[int, int], list[LinearOperator]]:
+    """How often each operator object is used under ``root`` (by id), and the distinct operators in post-order
+    (children first). Iterative, so that a deep operator is no problem; a shared operator is entered once."""
+    uses: dict[int, int] = {}
+    post: list[LinearOperator] = []
+    stack: list[tuple[LinearOperator, bool]] = [(root, False)]
+    while stack:
+        op, done = stack.pop()
+        if done:
+            post.append(op)
+            continue
+        if id(op) in uses:
+            uses[id(op)] += 1
+            continue
+        uses[id(op)] = 1
+        stack.append((op, True))
+        stack.extend((child, False) for child in reversed(_children(op)))
+    return uses, post
+
+
+def _check_sharing(leaves: list[LinearOperator]) -> None:
+    """Raise when two different operators share a parameter: an expression shares whole operators only."""
+    owner: dict[int, LinearOperator] = {}
+    for leaf in leaves:
+        for _, p in leaf.named_parameters(remove_duplicate=False):
+            other = owner.setdefault(id(p), leaf)
+            if other is not leaf:
+                raise ValueError(
+                    f"to_expr: {other.name} and {leaf.name} share a parameter but are different operators; an "
+                    "expression can only share whole operators (v = ...; v + v.T), so it would build another operator"
+                )
+
+
+class _Printer:
+    """Writes one operator; operators used more than once are named (``v1 = ...;``) and written once."""
+
+    def __init__(self, root: LinearOperator) -> None:
+        uses, post = _walk(root)
+        _check_sharing([op for op in post if not _children(op)])
+        taken = set(REGISTRY)
+        self.names: dict[int, str] = {}
+        self.shared = [op for op in post if uses[id(op)] > 1]
+        k = 0
+        for op in self.shared:
+            k += 1
+            while f"v{k}" in taken:
+                k += 1
+            self.names[id(op)] = f"v{k}"
+        self.root = root
+        self.depth = 0
+
+    def program(self) -> str:
+        lines = []
+        for op in self.shared:
+            lines.append(f"{self.names[id(op)]} = {self.text(op, named=False)[0]}; ")
+        return "".join(lines) + self.text(self.root)[0]
+
+    def operand(self, op: LinearOperator, level: int) -> str:
+        text, prec = self.text(op)
+        return text if prec >= level else f"({text})"
+
+    def text(self, op: LinearOperator, named: bool = True) -> tuple[str, int]:
+        """``(text, precedence)`` of ``op``; its name when it is shared (unless writing its definition)."""
+        if named and id(op) in self.names:
+            return self.names[id(op)], _POSTFIX
+        self.depth += 1
+        if self.depth > 2 * _MAX_DEPTH:  # the parser would refuse it anyway; stop before Python's recursion limit
             raise ValueError(
-                f"to_expr: a general {op.name} has no expression (only axis permutations, permute_axes(sizes, order))"
+                f"to_expr: the operator is nested more than {2 * _MAX_DEPTH} levels deep (at {op.name}); "
+                f"structmat.parse reads at most {_MAX_DEPTH} levels of nesting"
             )
-        return _call("permute_axes", list(axes[0]), list(axes[1])), _POSTFIX
+        try:
+            return self.form(op)
+        finally:
+            self.depth -= 1
+
+    def form(self, op: LinearOperator) -> tuple[str, int]:
+        if isinstance(op, (Sum, Product)) and len(op._operands()) == 1:
+            return self.text(op._operands()[0])
+        if isinstance(op, Sum):
+            parts = [self.operand(op.terms[0], _MUL)]
+            for term in list(op.terms)[1:]:
+                if isinstance(term, Scaled) and term.scale == -1.0 and id(term) not in self.names:
+                    parts.append("- " + self.operand(term.op, _MUL))
+                else:
+                    parts.append("+ " + self.operand(term, _MUL))
+            return " ".join(parts), _SUM
+        if isinstance(op, Product):
+            return " @ ".join(self.operand(f, _UNARY) for f in op.factors), _MUL
+        if isinstance(op, Scaled):
+            if op.scale == -1.0:
+                return "-" + self.operand(op.op, _UNARY), _UNARY
+            return f"{op.scale!r} * {self.operand(op.op, _UNARY)}", _MUL
+        if isinstance(op, Transpose):
+            if isinstance(op.op, Transpose):  # X.T would give X.op back: Transpose(Transpose(A)) is written explicitly
+                return f"transpose({self.text(op.op)[0]})", _POSTFIX
+            return self.operand(op.op, _POSTFIX) + ".T", _POSTFIX
+        if isinstance(op, Kronecker):
+            return "kron(" + ", ".join(self.text(p)[0] for p in op.parts) + ")", _POSTFIX
+        if isinstance(op, BlockDiagonal):
+            blocks = [self.text(b)[0] for b in op.blocks]
+            stacked = len(op.blocks) == 1 and op.heads is not None
+            return "block_diag(" + ", ".join(blocks) + (f", heads={op.heads}" if stacked else "") + ")", _POSTFIX
+        if isinstance(op, MultiLevel):
+            levels = ", ".join(self.text(level)[0] for level in op.levels)
+            return f"multilevel({op.shape[0]}, {op.shape[1]}, [{levels}])", _POSTFIX
+        return _leaf(op), _POSTFIX
+
+
+def _leaf(op: LinearOperator) -> str:
+    """A leaf or a family: a call of its :data:`REGISTRY` name with its structural arguments."""
+    if isinstance(op, Dense):
+        return _call("dense", *op.shape, heads=op.heads)
+    if isinstance(op, Identity):
+        return _call("identity", op.shape[0], heads=op.heads)
+    if isinstance(op, Diagonal):
+        return _call("diag", op.shape[0], heads=op.heads)
+    if isinstance(op, Permutation):
+        if op._axes is not None:  # a reshape-transpose: its sizes and order, never the index vector
+            return _call("permute_axes", list(op._axes[0]), list(op._axes[1]))
+        return _call("permutation", list(op.perm))
     if isinstance(op, TensorNetwork):
-        raise ValueError(f"to_expr: TensorNetwork({op.spec!r}) has no expression; build it with sm.TensorNetwork")
+        return _tensor_network(op)
     package = importlib.import_module(__package__ or "structmat")
     for attr, printer in _FAMILY_PRINTERS.items():
         cls = getattr(package, attr, None)
         if cls is not None and type(op) is cls:
-            return printer(op), _POSTFIX
+            return printer(op)
     raise ValueError(f"to_expr: {type(op).__name__} has no expression")
-
-
-def _operand(op: LinearOperator, level: int) -> str:
-    text, prec = _print(op)
-    return text if prec >= level else f"({text})"
 
 
 def to_expr(op: LinearOperator) -> str:
     """An expression that :func:`parse` turns back into an operator of the same structure as ``op``.
 
-    Same classes, shapes, nesting and scales; the parameters of the parsed operator are new (an expression holds no
-    values). A ``Sum`` or ``Product`` of a single operand is written as that operand.
+    Same classes, shapes, heads, arguments, nesting, scales and sharing (an operator used twice is named once,
+    ``v1 = ...;``, and used by name); the parameters of the parsed operator are new (an expression holds no values).
+    A ``Sum`` or ``Product`` of a single operand is written as that operand.
 
     Args:
         op: the operator.
@@ -744,7 +995,8 @@ def to_expr(op: LinearOperator) -> str:
         The expression, e.g. ``"dense(5, 3) @ dense(3, 7) + -2.5 * dense(7, 5).T"``.
 
     Raises:
-        ValueError: for an operator without an expression: a ``TensorNetwork`` or a general ``Permutation``.
+        ValueError: for an operator without an expression: two different operators sharing a parameter, an operator
+            class that is not in the grammar, or nesting deeper than :func:`parse` reads.
 
     Example:
         >>> import structmat as sm
@@ -754,7 +1006,15 @@ def to_expr(op: LinearOperator) -> str:
         'dense(6, 3) @ dense(3, 6) - 2.5 * kron(identity(2), diag(3)).T'
         >>> to_expr(parse(to_expr(A))) == to_expr(A)
         True
+        >>> W = sm.Dense(4, 4)
+        >>> to_expr(W + W.T)
+        'v1 = dense(4, 4); v1 + v1.T'
     """
     if not isinstance(op, LinearOperator):
         raise TypeError(f"to_expr: expected a LinearOperator, got {type(op).__name__}")
-    return _print(op)[0]
+    text = _Printer(op).program()
+    try:
+        _Parser(text).parse()  # syntax only (nothing is built): is it within the nesting parse reads?
+    except ValueError as err:
+        raise ValueError(f"to_expr: {op.name} has no expression that structmat.parse reads back: {err}") from None
+    return text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,9 +10,10 @@ import sys
 import time
 
 import pytest
+from zoo import ZOO, build
 
 import structmat as sm
-from structmat.cli import info, main
+from structmat.cli import EXIT_BROKEN_PIPE, info, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,7 +135,11 @@ def test_info_function_on_meta() -> None:
     facts = info(op, batch=3)
     assert facts["flops"] == 2 * 3 * (7 * 2 + 2 * 5) and facts["path"] == [["za,bc,ca->zb", [[0, 2], [0, 1]]]]
     tn = sm.TensorNetwork("y[o] = W[o,i] x[i]", sizes=dict(o=2, i=3), device="meta")
-    assert info(tn)["expr"] is None  # no expression, but every other fact
+    assert info(tn)["expr"] == 'tensor_network("y[o] = W[o,i] x[i]", sizes=dict(o=2, i=3))'
+    tied = sm.Dense(2, 3, device="meta")
+    shared = tied + sm.TensorNetwork("y[o] = W[o,i] x[i]", factors=dict(W=tied.weight))
+    assert info(shared)["expr"] is None  # no expression (two operators share a parameter), but every other fact
+    assert info(shared)["num_params"] == 6
 
 
 def test_python_dash_m() -> None:
@@ -149,3 +155,48 @@ def test_python_dash_m() -> None:
     assert proc.returncode == 0, proc.stderr
     facts = json.loads(proc.stdout)
     assert facts["num_params"] == 16 * 10**6 and facts["flops"] == 32 * 10**6 and facts["speedup"] == 62500.0
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_info_describes_every_zoo_operator(name: str) -> None:
+    op = build(name)
+    facts = info(op, batch=2)
+    assert facts["expr"] is not None
+    again = info(sm.parse(facts["expr"], device="meta"), batch=2)
+    assert again == facts
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_broken_pipe_exits_quietly(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert main(["info", "dense(5, 2) @ dense(2, 7)"]) == EXIT_BROKEN_PIPE == 141
+    assert main(["--help"]) == EXIT_BROKEN_PIPE
+
+
+def test_broken_pipe_into_a_reader_that_closes_early() -> None:
+    """``structmat info ... | head``: the reader takes a few bytes and exits; the writer stops without a traceback."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    text = " + ".join(["identity(3)"] * 3000)  # ~340 kB of output: more than a pipe holds, so the writer must notice
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.buffer.read(10)"], stdin=subprocess.PIPE, cwd=ROOT
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "structmat", "info", text],
+        stdout=reader.stdin,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+    )
+    assert reader.stdin is not None
+    reader.stdin.close()  # only the writer holds the pipe's write end now
+    _, err = writer.communicate(timeout=120)
+    reader.wait(timeout=60)
+    assert err.decode() == ""  # no BrokenPipeError traceback, no "Exception ignored" at exit
+    assert writer.returncode == EXIT_BROKEN_PIPE
