@@ -27,8 +27,10 @@ class Cost:
         shape: the operator's ``(m, n)``.
         batch: number of input vectors.
         flops: floating-point operations in opt_einsum's convention (a multiply-add counts 2), summed over every
-            einsum of the operator plus the additions that join sums and the multiplies that apply scalars.
-        macs: multiply(-add)s, the convention of fvcore and of the attention paper: one per multiplication.
+            einsum of the operator plus the additions that join sums and the multiplies that apply scalars (a
+            scalar multiplies the smaller of the network's smallest factor and its output at this batch).
+        macs: multiply(-add)s, the convention of fvcore and of the attention paper: one per multiplication, the
+            multiplies that apply scalars included (the additions that join sums are not counted).
         dense_flops: ``2 * m * n * batch`` (times H for a stack), the cost of the same map as dense matrices.
         largest_intermediate: the most elements any intermediate tensor holds (inputs excluded).
         contractions: every einsum, in execution order, with its opt_einsum path.
@@ -79,7 +81,10 @@ class Rank:
 
     Attributes:
         bound: an upper bound on the rank, for every value of the parameters.
-        exact: True when the bound is the rank for generic (e.g. random) parameter values.
+        exact: True when the bound is the rank for generic (e.g. random) parameter values: tree networks, networks
+            whose family proves it, and what follows from those by transposing, scaling, Kronecker products
+            (ranks multiply), block-diagonals (ranks add) and products with generically invertible or full-rank
+            neighbours (permutations, identities, diagonals, injective / surjective factors).
     """
 
     bound: int

@@ -161,7 +161,8 @@ class Network:
                     labs.append(lab)
                     shape.append(s)
             factors.append(replace(fa, labels=tuple(labs), shape=tuple(shape)))
-        return Network(tuple(factors), modes(self.in_modes), modes(self.out_modes), self.scale, self.head)
+        # the same matrix with modes reshaped: a vouched cut bound stays the rank
+        return Network(tuple(factors), modes(self.in_modes), modes(self.out_modes), self.scale, self.head, self.vouched)
 
     def padded(self, left: int, right: int) -> Network:
         """``I_left ⊗ self ⊗ I_right``: identity factors become diagonal modes (no tensor, no flops)."""
@@ -387,6 +388,8 @@ def _prefix_products(split: tuple[int, ...]) -> list[int]:
 
 def fuse(a: Network, b: Network) -> Network | None:
     """The network of ``a @ b`` (b's outputs joined to a's inputs) when the splits refine; otherwise None."""
+    # rank(A P D) = rank(A) for a permutation P times a generically nonzero diagonal D
+    vouched = (_exact(a) and _scaled_permutation(b)) or (_exact(b) and _scaled_permutation(a))
     a = a.squeeze()
     b = b.squeeze().shifted(a.max_label() + 1)
     plan = refine(tuple(s for _, s in b.out_modes), tuple(s for _, s in a.in_modes))
@@ -408,7 +411,21 @@ def fuse(a: Network, b: Network) -> Network | None:
     if a.head is not None and b.head is not None:
         mapping[a.head[0]] = b.head[0]
     a = a.relabel(mapping)
-    return Network(a.factors + b.factors, b.in_modes, a.out_modes, a.scale * b.scale, _head(a, b))
+    return Network(a.factors + b.factors, b.in_modes, a.out_modes, a.scale * b.scale, _head(a, b), vouched)
+
+
+def _exact(net: Network) -> bool:
+    """The network's cut bound is its generic rank (vouched by its family, or a tree)."""
+    return net.vouched or net.is_tree()
+
+
+def _scaled_permutation(net: Network) -> bool:
+    """Every mode is diagonal and every factor holds diagonal (or head) labels only: a permutation of the
+    coordinates times a diagonal, invertible for generic parameters."""
+    diag = net._per_head()
+    return {lab for lab, _ in net.in_modes} == {lab for lab, _ in net.out_modes} and all(
+        set(fa.labels) <= diag for fa in net.factors
+    )
 
 
 def _head(a: Network, b: Network) -> Mode | None:
@@ -418,7 +435,12 @@ def _head(a: Network, b: Network) -> Mode | None:
 
 
 def kron_networks(nets: list[Network]) -> Network:
-    """The network of ``nets[0] ⊗ nets[1] ⊗ ...``: disjoint labels side by side."""
+    """The network of ``nets[0] ⊗ nets[1] ⊗ ...``: disjoint labels side by side.
+
+    rank(A ⊗ B) = rank A · rank B, and the min cut of disjoint parts is the product of their cuts: the result's cut
+    bound is its generic rank when every part's is.
+    """
+    vouched = all(_exact(net) for net in nets)
     out = nets[0]
     for net in nets[1:]:
         net = net.shifted(out.max_label() + 1)
@@ -431,7 +453,7 @@ def kron_networks(nets: list[Network]) -> Network:
             out.scale * net.scale,
             _head(out, net),
         )
-    return out
+    return replace(out, vouched=vouched)
 
 
 # -- min cut on a hypergraph with multiplicative capacities ------------------------------------------------------------

@@ -331,7 +331,9 @@ class SumNode(Node):
         if len(ranks) == 1:
             return ranks[0]
         total = sum(r.bound for r in ranks)
-        if _disjoint(self.in_slices) and _disjoint(self.out_slices):
+        if total == 0:  # every term is zero for every value
+            return Rank(0, True)
+        if _disjoint(self.in_slices) and _disjoint(self.out_slices):  # block-diagonal: the ranks add
             return Rank(total, all(r.exact for r in ranks))
         return Rank(min(total, self.m, self.n), False)
 
@@ -382,7 +384,18 @@ class ChainNode(Node):
         return _combine((self.m, self.n), batch, parts, 0, inter)
 
     def rank(self) -> Rank:
-        return Rank(min(c.rank().bound for c in self.children), False)
+        """At most the smallest rank; exactly the rank of one child when every child left of it is injective and
+        every child right of it surjective (generically: exact, of full column or row rank)."""
+        ranks = [c.rank() for c in self.children]
+        bound = min(r.bound for r in ranks)
+        if bound == 0:
+            return Rank(0, True)
+        injective = [r.exact and r.bound == c.n for r, c in zip(ranks, self.children)]
+        surjective = [r.exact and r.bound == c.m for r, c in zip(ranks, self.children)]
+        for j, r in enumerate(ranks):
+            if all(injective[:j]) and all(surjective[j + 1 :]):
+                return Rank(bound, r.exact)
+        return Rank(bound, False)
 
     def transpose(self) -> Node:
         return ChainNode([c.transpose() for c in reversed(self.children)])
@@ -438,7 +451,8 @@ class KronNode(Node):
 
     def rank(self) -> Rank:
         ranks = [c.rank() for c in self.children]
-        return Rank(math.prod(r.bound for r in ranks), all(r.exact for r in ranks))
+        bound = math.prod(r.bound for r in ranks)  # rank(A ⊗ B) = rank A · rank B
+        return Rank(bound, bound == 0 or all(r.exact for r in ranks))
 
     def transpose(self) -> Node:
         return KronNode([c.transpose() for c in self.children])
