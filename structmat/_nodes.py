@@ -110,6 +110,7 @@ class _Plan:
     path: list[int] | None  # flattened pairs for torch's einsum
     contraction: Contraction
     expression: Any = None  # opt_einsum's compiled contraction, for paths torch's einsum does not take
+    scale_at: int = -1  # the operand multiplied by the network's scale (a factor, k >= 1), or -1: the output
 
 
 class NetNode(Node):
@@ -126,9 +127,6 @@ class NetNode(Node):
         self.heads = network.head[1] if network.head is not None else None
         self._in_shape = tuple(s for _, s in network.in_modes)
         self._plans: dict[tuple[int, bool], _Plan] = {}
-        # which operand carries the scale: the smallest factor (cheapest), else the output
-        sizes = [fa.numel for fa in network.factors]
-        self._scale_at = min(range(len(sizes)), key=sizes.__getitem__) + 1 if sizes else -1
 
     def networks(self) -> list[Network]:
         return [self.network]
@@ -148,13 +146,11 @@ class NetNode(Node):
         shapes = [xshape, *fshapes]
         out_size = batch * (self.heads or 1) * self.m
         lhs, rhs = eq.split("->")
-        scale_flops = 0
-        if self.network.scale != 1.0:
-            scale_flops = math.prod(shapes[self._scale_at]) if self._scale_at > 0 else out_size
+        scale_at, scale_flops = _scale_choice(self.network.scale, fshapes, out_size)
         if len(shapes) == 1:  # no factor: a relabelling (permutation), plus sums over dropped labels
             summed = set(lhs) - set(rhs)
             flops = (math.prod(xshape) if summed else 0) + scale_flops
-            return _Plan(eq, None, Contraction(eq, tuple(shapes), ((0,),), flops, 0, out_size))
+            return _Plan(eq, None, Contraction(eq, tuple(shapes), ((0,),), flops, scale_flops, out_size))
         path, info = _best_path(eq, shapes)
         size = dict(info.size_dict)
         macs = 0
@@ -167,14 +163,14 @@ class NetNode(Node):
             tuple(tuple(s) for s in shapes),
             tuple(tuple(p) for p in path),
             int(info.opt_cost) + scale_flops,
-            macs,
+            macs + scale_flops,  # one multiply per element scaled
             int(info.largest_intermediate),
         )
         if len(shapes) > 2 and all(len(step) == 2 for step in path):
-            return _Plan(eq, [i for pair in path for i in pair], contraction)
+            return _Plan(eq, [i for pair in path for i in pair], contraction, scale_at=scale_at)
         if len(shapes) > 2:  # a path with single-operand steps (sums over a label only one operand has)
-            return _Plan(eq, None, contraction, oe.contract_expression(eq, *shapes, optimize=path))
-        return _Plan(eq, None, contraction)
+            return _Plan(eq, None, contraction, oe.contract_expression(eq, *shapes, optimize=path), scale_at)
+        return _Plan(eq, None, contraction, scale_at=scale_at)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -188,15 +184,15 @@ class NetNode(Node):
             if t.dtype != x.dtype:  # only reachable under autocast: the operator checks dtypes otherwise
                 t = t.to(x.dtype)
             operands.append(t)
-        if scale != 1.0 and self._scale_at > 0:
-            operands[self._scale_at] = operands[self._scale_at] * scale
+        if scale != 1.0 and plan.scale_at > 0:
+            operands[plan.scale_at] = operands[plan.scale_at] * scale
         if plan.path is not None:
             y = _einsum(plan.equation, operands, path=plan.path)
         elif plan.expression is not None:
             y = plan.expression(*operands, backend="torch")
         else:  # one or two operands: nothing to order
             y = _einsum(plan.equation, operands)
-        if scale != 1.0 and self._scale_at < 0:
+        if scale != 1.0 and plan.scale_at < 0:
             y = y * scale
         if y.ndim == 2 + (self.heads is not None):  # already (B, [H,] m)
             return y
@@ -221,6 +217,18 @@ class NetNode(Node):
 
 
 _COMPILE_BATCH = 1024  # the batch a traced plan is made for (see _plan_of)
+
+
+def _scale_choice(scale: float, factor_shapes: list[tuple[int, ...]], out_size: int) -> tuple[int, int]:
+    """Where a network's scale is applied, and its multiplies: the smallest factor (operand ``k + 1``) when it has
+    fewer elements than the output at this batch, else the output (-1)."""
+    if scale == 1.0:
+        return -1, 0
+    sizes = [math.prod(s) for s in factor_shapes]
+    k = min(range(len(sizes)), key=sizes.__getitem__, default=-1)
+    if k >= 0 and sizes[k] < out_size:
+        return k + 1, sizes[k]
+    return -1, out_size
 
 
 def _plan_of(node: NetNode, batch: int, per_head: bool) -> tuple[_Plan, float]:

@@ -72,18 +72,53 @@ def test_sum_with_identity():
     assert (sm.Dense(7, 7) + sm.Identity(7)).cost(batch=2).flops == 196 + 14
 
 
-def test_scaled_dense():
-    # The scale multiplies the smallest operand of the einsum. For a Dense that is W (m*n = 35 elements; the input
-    # x is not a candidate): 35 multiplies, whatever the batch. 2*3*5*7 + 5*7 = 210 + 35 = 245 at b=3.
-    m, n, b = 5, 7, 3
-    cost = (2.5 * sm.Dense(m, n)).cost(batch=b)
-    assert cost.flops == 2 * b * m * n + m * n == 245
-    assert cost.macs == b * m * n
+@pytest.mark.parametrize(
+    "m, n, b, flops, macs",
+    [
+        # The scale multiplies whichever is smaller at this batch: the smallest factor or the output (b*m).
+        # 0.5 * Dense(6, 10), b=1: output 6 < W's 60: 2*6*10 + 6 = 126 flops, 60 + 6 = 66 MACs.
+        (6, 10, 1, 126, 66),
+        # b=10: output 60 is not smaller than W's 60 (a tie keeps the output): 1200 + 60, 600 + 60.
+        (6, 10, 10, 1260, 660),
+        # b=100: W's 60 < output 600: 12000 + 60, 6000 + 60.
+        (6, 10, 100, 12060, 6060),
+        # 5 x 7 at b=3: output 15 < W's 35: 210 + 15, 105 + 15.
+        (5, 7, 3, 225, 120),
+    ],
+)
+def test_scaled_dense_scales_the_smaller_of_weight_and_output(m, n, b, flops, macs):
+    op = 0.5 * sm.Dense(m, n, dtype=torch.float64)
+    cost = op.cost(batch=b)
+    assert (cost.flops, cost.macs) == (flops, macs)
+    # the apply computes the same map wherever the scale goes
+    x = torch.randn(b, n, dtype=torch.float64)
+    torch.testing.assert_close(op(x), 0.5 * x @ op.op.weight.T)
+
+
+def test_scaled_low_rank_moves_the_scale_with_the_batch():
+    # 2 * LowRank(20, 30, rank=2): factors U (20x2 = 40) and V (2x30 = 60); the plain cost is 2*b*(30*2 + 2*20) = 200b.
+    # b=1: output 20 < 40, so the output is scaled: 200 + 20. b=4: output 80 > 40, U is scaled: 800 + 40.
+    op = 2.0 * sm.LowRank(20, 30, rank=2, dtype=torch.float64)
+    assert [op.cost(b).flops for b in (1, 4)] == [220, 840]
+    assert [op.cost(b).macs for b in (1, 4)] == [100 + 20, 400 + 40]
+    for b in (1, 4):
+        x = torch.randn(b, 30, dtype=torch.float64)
+        torch.testing.assert_close(op(x), 2.0 * op.op(x))
 
 
 def test_scaled_identity():
-    # No factor to carry the scale: it multiplies the output, b*n = 3*5 = 15.
-    assert (-0.5 * sm.Identity(5)).cost(batch=3).flops == 15
+    # No factor to carry the scale: it multiplies the output, b*n = 3*5 = 15; each is one multiplication (a MAC).
+    cost = (-0.5 * sm.Identity(5)).cost(batch=3)
+    assert (cost.flops, cost.macs) == (15, 15)
+
+
+def test_scaled_gradients_reach_the_weight_wherever_the_scale_goes():
+    # d/dW sum(c * W x) = c * sum_b x_b: the same at b=1 (scale on the output) and b=100 (scale on W).
+    for b in (1, 100):
+        op = 0.5 * sm.Dense(6, 10, dtype=torch.float64)
+        x = torch.randn(b, 10, dtype=torch.float64)
+        op(x).sum().backward()
+        torch.testing.assert_close(op.op.weight.grad, 0.5 * x.sum(0).expand(6, 10))
 
 
 def test_block_diag_adds_nothing():
