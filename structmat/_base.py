@@ -237,11 +237,19 @@ class LinearOperator(torch.nn.Module):
             from .combinators import Sum
 
             return Sum(self, other)
+        if isinstance(other, torch.Tensor):
+            from .combinators import tensor_operand_error
+
+            raise tensor_operand_error(f"{self.name} + ", other, "")
         return NotImplemented
 
     def __radd__(self, other: Any) -> Any:
         if isinstance(other, numbers.Number) and other == 0:  # so that sum([A, B]) works
             return self
+        if isinstance(other, torch.Tensor):
+            from .combinators import tensor_operand_error
+
+            raise tensor_operand_error("", other, f" + {self.name}")
         return NotImplemented
 
     def __sub__(self, other: Any) -> Any:
@@ -249,6 +257,10 @@ class LinearOperator(torch.nn.Module):
             from .combinators import Scaled, Sum
 
             return Sum(self, Scaled(other, -1.0))
+        if isinstance(other, torch.Tensor):
+            from .combinators import tensor_operand_error
+
+            raise tensor_operand_error(f"{self.name} - ", other, "")
         return NotImplemented
 
     def __mul__(self, c: Any) -> Any:

@@ -22,10 +22,18 @@ Init = Callable[[torch.Tensor, int, int], None]
 
 
 def check_heads(owner: str, heads: object) -> int | None:
-    """``heads`` must be None (a single operator) or a positive int (a stack of that many)."""
+    """``heads`` must be None (a single operator) or a positive int (a stack of that many).
+
+    Raises TypeError for a non-int (as every size check does) and ValueError for an int below 1.
+
+    >>> check_heads("Dense(3, 5)", 4), check_heads("Dense(3, 5)", None)
+    (4, None)
+    """
     if heads is None:
         return None
-    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
+    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral):
+        raise TypeError(f"{owner}: heads must be None or an int >= 1, got {type(heads).__name__} {heads!r}")
+    if heads < 1:
         raise ValueError(f"{owner}: heads must be None or an int >= 1, got {heads!r}")
     return int(heads)
 

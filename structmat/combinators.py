@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import final
 
 import torch
@@ -21,11 +22,67 @@ from ._nodes import Node
 __all__ = ["Sum", "Product", "Transpose", "Kronecker", "BlockDiagonal", "Scaled", "kron", "block_diag"]
 
 
+def describe_operand(obj: object) -> str:
+    """A non-operator as messages name it: its type, and a tensor's or array's shape (never its values).
+
+    >>> import torch
+    >>> describe_operand(torch.zeros(3, 5)), describe_operand(2.0)
+    ('Tensor of shape (3, 5)', 'float')
+    """
+    shape = getattr(obj, "shape", None)
+    if isinstance(shape, tuple) or isinstance(obj, torch.Tensor):
+        return f"{type(obj).__name__} of shape {tuple(shape)}"  # type: ignore[arg-type]
+    return type(obj).__name__
+
+
+def check_operands(kind: str, ops: tuple[object, ...]) -> None:
+    """Every operand must be a :class:`LinearOperator`; a tensor is named by its type and shape."""
+    for k, op in enumerate(ops):
+        if not isinstance(op, LinearOperator):
+            hint = "; wrap a matrix as sm.Dense.from_tensor(t)" if isinstance(op, torch.Tensor) else ""
+            raise TypeError(
+                f"{kind}: expected LinearOperator operands, got {describe_operand(op)} as operand {k}{hint}"
+            )
+
+
+def tensor_operand_error(before: str, tensor: torch.Tensor, after: str) -> TypeError:
+    """The error for ``op + tensor`` and the like: the expression with the tensor named by type and shape."""
+    return TypeError(
+        f"{before}{describe_operand(tensor)}{after}: an operator adds only to an operator; wrap a matrix as "
+        "sm.Dense.from_tensor(t), or apply the operator to the tensor with op(x) or op @ t"
+    )
+
+
 def _operand_list(kind: str, ops: tuple[LinearOperator, ...]) -> tuple[torch.nn.ModuleList, int | None]:
     if not ops:
         raise ValueError(f"{kind}: needs at least one operator, got none")
+    check_operands(kind, ops)
     heads = check_compatible(kind, ops)
     return torch.nn.ModuleList(ops), heads
+
+
+def _scales(node: Node) -> list[float]:
+    """Every scale a node tree holds, in a fixed order (networks' scales and gathers' scales)."""
+    if isinstance(node, _nodes.NetNode):
+        return [node.network.scale]
+    if isinstance(node, _nodes.GatherNode):
+        return [node.scale]
+    return [s for child in getattr(node, "children", ()) for s in _scales(child)]
+
+
+def check_scales(node: Node, operands: list[Node], factor: float = 1.0) -> Node:
+    """``node``, combined from ``operands`` (and the scalar ``factor``), must hold only finite scales, and none that
+    underflowed to zero from nonzero parts: either would silently be another operator."""
+    parts = [s for nd in operands for s in _scales(nd)] + [factor]
+    named = sorted(s for s in parts if s != 1.0)
+    for s in _scales(node):
+        if not math.isfinite(s):
+            raise ValueError(
+                f"the product of its scalars {named} overflows float64 (|scale| > {sys.float_info.max:.4g})"
+            )
+        if s == 0 and all(parts):
+            raise ValueError(f"the product of its nonzero scalars {named} underflows float64 to 0")
+    return node
 
 
 @final
@@ -80,7 +137,8 @@ class Product(LinearOperator):
         return tuple(self.factors)
 
     def _lower(self) -> Node:
-        return _nodes.compose([op._node for op in self.factors])
+        parts = [op._node for op in self.factors]
+        return check_scales(_nodes.compose(parts), parts)
 
 
 @final
@@ -158,7 +216,8 @@ class Kronecker(LinearOperator):
         return tuple(self.parts)
 
     def _lower(self) -> Node:
-        return _nodes.kron([op._node for op in self.parts])
+        parts = [op._node for op in self.parts]
+        return check_scales(_nodes.kron(parts), parts)
 
 
 @final
@@ -188,7 +247,8 @@ class BlockDiagonal(LinearOperator):
                     f"BlockDiagonal(heads={heads}): heads needs one stacked operand, got "
                     f"{', '.join(op.name for op in ops)}"
                 )
-            if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1 or stack % heads:
+            heads = check_heads(f"BlockDiagonal(heads={heads!r})", heads)
+            if stack % heads:
                 raise ValueError(
                     f"BlockDiagonal(heads={heads!r}): heads must be a positive int dividing the "
                     f"operand's {stack} stacked operators"
@@ -226,7 +286,9 @@ class BlockDiagonal(LinearOperator):
 
         where = f"BlockDiagonal.from_sizes({m}, {n}, nblocks={nblocks})"
         for what, v in (("m", m), ("n", n), ("nblocks", nblocks)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{where}: {what} must be a positive int, got {type(v).__name__} {v!r}")
+            if v < 1:
                 raise ValueError(f"{where}: {what} must be a positive int, got {v!r}")
         if m % nblocks or n % nblocks:
             raise ValueError(f"{where}: nblocks must divide m={m} and n={n}")
@@ -254,7 +316,7 @@ class Scaled(LinearOperator):
     """
 
     def __init__(self, op: LinearOperator, scale: float) -> None:
-        check_compatible("Scaled", (op,))
+        check_operands("Scaled", (op,))
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"Scaled({op.name}): scale must be a real number, got {type(scale).__name__}")
         if not math.isfinite(float(scale)):
@@ -271,7 +333,7 @@ class Scaled(LinearOperator):
         return "Scaled", f"scale={self.scale:g}"
 
     def _lower(self) -> Node:
-        return self.op._node.scaled(self.scale)
+        return check_scales(self.op._node.scaled(self.scale), [self.op._node], self.scale)
 
 
 def kron(*ops: LinearOperator) -> LinearOperator:

@@ -294,9 +294,19 @@ def test_numerical_rank_on_meta():
         sm.numerical_rank(op)
 
 
-@pytest.mark.parametrize("rtol", [-1, -1e-3, float("nan"), "0.1"])
+@pytest.mark.parametrize("rtol", [-1, -1e-3, float("nan"), float("inf")])
 def test_numerical_rank_bad_rtol(rtol):
-    with pytest.raises(ValueError, match=r"numerical_rank\(Dense\(3, 5\)\): rtol must be a non-negative number, got "):
+    with pytest.raises(
+        ValueError, match=rf"numerical_rank\(Dense\(3, 5\)\): rtol must be a finite number >= 0, got {rtol!r}"
+    ):
+        sm.numerical_rank(sm.Dense(3, 5), rtol=rtol)
+
+
+@pytest.mark.parametrize("rtol, got", [("0.1", "str"), (True, "bool"), (torch.tensor(0.1), "Tensor")])
+def test_numerical_rank_rtol_of_the_wrong_type(rtol, got):
+    with pytest.raises(
+        TypeError, match=rf"numerical_rank\(Dense\(3, 5\)\): rtol must be a real number or None, got {got}"
+    ):
         sm.numerical_rank(sm.Dense(3, 5), rtol=rtol)
 
 
@@ -477,10 +487,33 @@ def test_unknown_label_in_sizes():
         tn(LOWRANK, dict(o=3, r=2, i=5, q=7))
 
 
-@pytest.mark.parametrize("size", [0, -3, 2.0, True, None])
-def test_bad_size_in_sizes(size):
-    with pytest.raises(ValueError, match=where(LOWRANK) + rf": size of label 'r' must be a positive int, got {size!r}"):
+@pytest.mark.parametrize("size", [0, -3])
+def test_size_out_of_range_in_sizes(size):
+    with pytest.raises(ValueError, match=where(LOWRANK) + rf": size of label 'r' must be >= 1, got {size!r}"):
         tn(LOWRANK, dict(o=3, r=size, i=5))
+
+
+@pytest.mark.parametrize("size, got", [(2.0, "float 2.0"), (True, "bool True"), (None, "NoneType None")])
+def test_size_of_the_wrong_type_in_sizes(size, got):
+    with pytest.raises(TypeError, match=where(LOWRANK) + rf": size of label 'r' must be an int, got {got}"):
+        tn(LOWRANK, dict(o=3, r=size, i=5))
+
+
+@pytest.mark.parametrize(
+    "sizes, got", [([3, 2, 5], "list"), ((3, 2, 5), "tuple"), (torch.tensor([3, 2, 5]), r"Tensor of shape \(3,\)")]
+)
+def test_sizes_not_a_mapping(sizes, got):
+    with pytest.raises(
+        TypeError, match=where(LOWRANK) + rf": sizes must be a mapping of label sizes, e\.g\. .*, got {got}$"
+    ):
+        tn(LOWRANK, sizes)
+
+
+def test_factors_not_a_mapping():
+    with pytest.raises(
+        TypeError, match=where(LOWRANK) + r": factors must be a mapping of tensors by factor name, got list"
+    ):
+        tn(LOWRANK, LR_SIZES, [torch.randn(3, 2), torch.randn(2, 5)])
 
 
 def test_label_with_two_sizes_from_sizes_and_factor():
@@ -603,3 +636,108 @@ def test_tensor_network_with_too_many_labels_is_rejected_at_construction():
     sizes = {"o": 2, **{f"a{k}": 2 for k in range(1, 56)}}
     with pytest.raises(ValueError, match=r"TensorNetwork\(2, 2\): its tensor network has 56 labels; one einsum"):
         sm.TensorNetwork(spec, sizes=sizes)
+
+
+# -- heads: TypeError for a non-int, ValueError out of range, in every family --------------------------------------
+HEADS_BUILDERS = {
+    "Dense": lambda h: sm.Dense(3, 5, heads=h),
+    "LowRank": lambda h: sm.LowRank(7, 5, rank=2, heads=h),
+    "TensorNetwork": lambda h: tn(LOWRANK, LR_SIZES, heads=h),
+    "MultiLevel": lambda h: sm.MultiLevel(12, 12, [sm.BlockLevel(sm.Dense)], heads=h),
+    "BlockDiagonal.from_sizes": lambda h: sm.BlockDiagonal.from_sizes(12, 20, 4, heads=h),
+    "BlockDiagonal": lambda h: sm.BlockDiagonal(sm.Dense(2, 3, heads=12), heads=h),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS_BUILDERS))
+@pytest.mark.parametrize("heads, got", [(2.0, "float 2.0"), (True, "bool True"), ("2", "str '2'")])
+def test_heads_of_the_wrong_type(name, heads, got):
+    with pytest.raises(TypeError, match=rf"heads must be None or an int >= 1, got {got}"):
+        HEADS_BUILDERS[name](heads)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS_BUILDERS))
+@pytest.mark.parametrize("heads", [0, -3])
+def test_heads_out_of_range(name, heads):
+    with pytest.raises(ValueError, match=rf"heads must be None or an int >= 1, got {heads}"):
+        HEADS_BUILDERS[name](heads)
+
+
+@pytest.mark.parametrize(
+    "args, exc, msg",
+    [
+        ((12.0, 20, 4), TypeError, r"m must be a positive int, got float 12\.0"),
+        ((12, 20, "4"), TypeError, r"nblocks must be a positive int, got str '4'"),
+        ((12, -20, 4), ValueError, r"n must be a positive int, got -20"),
+    ],
+)
+def test_block_diagonal_from_sizes_types(args, exc, msg):
+    with pytest.raises(exc, match=msg):
+        sm.BlockDiagonal.from_sizes(*args)
+
+
+# -- a tensor where an operator is expected: named by type and shape, never by its values ----------------------------
+VALUES = torch.full((3, 5), 12345.678)
+
+
+@pytest.mark.parametrize(
+    "build, msg",
+    [
+        (
+            lambda: sm.Sum(sm.Dense(3, 5), VALUES),
+            r"Sum: expected LinearOperator operands, got Tensor of shape \(3, 5\) ",
+        ),
+        (lambda: sm.Product(VALUES, sm.Dense(5, 7)), r"Product: expected LinearOperator operands, got Tensor of shape"),
+        (lambda: sm.kron(sm.Dense(3, 5), VALUES), r"Kronecker: expected LinearOperator operands, got Tensor of shape"),
+        (lambda: sm.block_diag(VALUES), r"BlockDiagonal: expected LinearOperator operands, got Tensor of shape"),
+        (lambda: sm.Scaled(VALUES, 2.0), r"Scaled: expected LinearOperator operands, got Tensor of shape \(3, 5\)"),
+        (lambda: sm.Dense(3, 5) + VALUES, r"Dense\(3, 5\) \+ Tensor of shape \(3, 5\): an operator adds only to"),
+        (lambda: VALUES + sm.Dense(3, 5), r"Tensor of shape \(3, 5\) \+ Dense\(3, 5\): an operator adds only to"),
+        (lambda: sm.Dense(3, 5) - VALUES, r"Dense\(3, 5\) - Tensor of shape \(3, 5\): an operator adds only to"),
+        (lambda: sm.Dense(3, 5) * VALUES, r"Dense\(3, 5\) \* Tensor: an operator is scaled by a real number"),
+    ],
+)
+def test_tensor_operand_is_named_without_its_values(build, msg):
+    with pytest.raises(TypeError, match=msg) as info:
+        build()
+    assert "12345" not in str(info.value)
+
+
+def test_block_level_of_a_built_operator():
+    with pytest.raises(
+        TypeError,
+        match=r"BlockLevel: family must be an operator class or a factory called as family\(rows, cols, \.\.\.\) for "
+        r"every block, got the built operator Dense\(5, 3\); pass its class",
+    ):
+        sm.BlockLevel(sm.Dense(5, 3), blocks=2)
+    with pytest.raises(TypeError, match=r"got the built operator Linear"):
+        sm.BlockLevel(torch.nn.Linear(3, 5))
+
+
+# -- scalars whose product leaves float64 --------------------------------------------------------------------------
+def test_scalars_whose_product_overflows():
+    A = sm.Dense(3, 5)
+    with pytest.raises(
+        ValueError,
+        match=r"Scaled\(3, 5, scale=1e\+308\): the product of its scalars \[1e\+308, 1e\+308\] overflows float64",
+    ):
+        (A * 1e308) * 1e308
+    with pytest.raises(ValueError, match=r"Scaled\(3, 5, scale=-1e\+308\): the product of its scalars"):
+        (-A * 1e308) * -1e308
+    with pytest.raises(ValueError, match=r"Product\(3, 7\): the product of its scalars \[1e\+200, 1e\+200\] overflows"):
+        (1e200 * A) @ (1e200 * sm.Dense(5, 7))
+    with pytest.raises(
+        ValueError, match=r"Kronecker\(6, 20\): the product of its scalars \[1e\+160, 1e\+160\] overflows"
+    ):
+        sm.kron(1e160 * A, 1e160 * sm.Dense(2, 4))
+    with pytest.raises(ValueError, match=r"Scaled\(5, 5, scale=1e\+300\): the product of its scalars"):
+        (1e300 * sm.Permutation([4, 0, 3, 1, 2])) * 1e300  # a gather's scale too
+
+
+def test_scalars_whose_product_underflows_to_zero():
+    with pytest.raises(
+        ValueError, match=r"the product of its nonzero scalars \[1e-200, 1e-200\] underflows float64 to 0"
+    ):
+        (sm.Dense(3, 5) * 1e-200) * 1e-200
+    # a zero asked for is not an underflow
+    assert (0.0 * (sm.Dense(3, 5) * 1e-200)).rank() == sm.Rank(0, True)

@@ -245,10 +245,12 @@ def test_mixing_head_counts_raises():
         sm.MultiLevel(6, 6, [A, B])
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "2"])
+@pytest.mark.parametrize(
+    "bad, exc", [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError), ("2", TypeError)]
+)
 @pytest.mark.parametrize("name", NAMES)
-def test_invalid_heads_raise(name, bad):
-    with pytest.raises(ValueError, match=r"heads must be (None or an int >= 1|a positive int dividing)"):
+def test_invalid_heads_raise(name, bad, exc):
+    with pytest.raises(exc, match=r"heads must be (None or an int >= 1|a positive int dividing)"):
         STACKS[name](bad)
 
 

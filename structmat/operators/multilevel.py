@@ -57,6 +57,13 @@ class BlockLevel:
     __slots__ = ("family", "blocks", "options")
 
     def __init__(self, family: Family, blocks: int | Sequence[Sequence[int]] = 1, **options: Any) -> None:
+        if isinstance(family, torch.nn.Module):  # callable, but applying it is not building a block
+            what = family.name if isinstance(family, LinearOperator) else type(family).__name__
+            raise TypeError(
+                f"BlockLevel: family must be an operator class or a factory called as family(rows, cols, ...) for "
+                f"every block, got the built operator {what}; pass its class (e.g. BlockLevel({type(family).__name__}, "
+                "...)), or pass a built operator as a level of MultiLevel directly"
+            )
         if not callable(family):
             raise TypeError(f"BlockLevel: family must be an operator class or a callable, got {type(family).__name__}")
         self.family = family

@@ -58,6 +58,17 @@ def _parse(spec: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
     return out, terms
 
 
+def _mapping(where: str, what: str, meaning: str, value: object) -> dict:
+    """``value`` (None: empty) as a dict; anything but a mapping is a TypeError naming its type (and a tensor's
+    shape: never its values)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"{where}: {what} must be a mapping of {meaning}, got {type(value).__name__}{shape}")
+    return dict(value)
+
+
 def _labels(where: str, term: str, text: str) -> list[str]:
     labs = [s.strip() for s in text.split(",")] if text.strip() else []
     for lab in labs:
@@ -111,8 +122,9 @@ class TensorNetwork(LinearOperator):
             raise TypeError(f"TensorNetwork: spec must be a str, got {type(spec).__name__}")
         where = f"TensorNetwork({spec!r})"
         out, terms = _parse(spec)
-        sizes = dict(sizes or {})
-        factors = dict(factors or {})
+        sizes = _mapping(where, "sizes", "label sizes, e.g. dict(o=5, r=2, i=7)", sizes)
+        factors = _mapping(where, "factors", "tensors by factor name", factors)
+        heads = check_heads(where, heads)
         names = [name for name, _ in terms if name != "x"]
         for name in factors:
             if name not in names:
@@ -121,8 +133,10 @@ class TensorNetwork(LinearOperator):
         for lab, s in sizes.items():
             if lab not in used:
                 raise ValueError(f"{where}: unknown label {lab!r} in sizes; the spec's labels are {sorted(used)}")
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
-                raise ValueError(f"{where}: size of label {lab!r} must be a positive int, got {s!r}")
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+                raise TypeError(f"{where}: size of label {lab!r} must be an int, got {type(s).__name__} {s!r}")
+            if s < 1:
+                raise ValueError(f"{where}: size of label {lab!r} must be >= 1, got {s!r}")
         known: dict[str, tuple[int, str]] = {lab: (int(s), "sizes") for lab, s in sizes.items()}
         for name, labs in terms:
             if name not in factors:
@@ -160,7 +174,6 @@ class TensorNetwork(LinearOperator):
                     f"{where}: input label {lab!r} appears in no factor and not in y (a bare sum over x is not "
                     "closed under transpose); add a factor that carries it"
                 )
-        heads = check_heads(where, heads)
         dtypes = {t.dtype for t in factors.values()}
         devices = {t.device for t in factors.values()}
         if len(dtypes) > 1:
