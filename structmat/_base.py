@@ -315,7 +315,7 @@ class LinearOperator(torch.nn.Module):
         dtype = own or dtype or torch.get_default_dtype()
         eye = torch.eye(n, dtype=dtype, device=self.device)
         y = self._node.apply(eye)
-        return y.permute(1, 2, 0) if y.ndim == 3 else y.T
+        return (y.permute(1, 2, 0) if y.ndim == 3 else y.T).contiguous()  # the apply gives the transpose
 
     def rank(self) -> Rank:
         """A bound on the rank from the structure alone; ``.exact`` when it is the rank for generic parameters.

@@ -3,9 +3,15 @@ state_dict, dtype moves, autocast, torch.compile, printing, and the Python opera
 
 from __future__ import annotations
 
+import warnings
+
 import opt_einsum
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zoo import ZOO
+from zoo import build as build_zoo
 
 import structmat as sm
 from structmat import _nodes
@@ -316,3 +322,167 @@ def test_pickle_and_deepcopy_keep_the_structure_and_own_their_parameters():
                 p.add_(1.0)
         assert not torch.allclose(other(x), y)  # the copy's networks read the copy's parameters
         torch.testing.assert_close(op(x), y)  # and the original is untouched
+
+
+# -- numerical_rank: stacks of rank 0, half precision, non-finite values ---------------------------------------------
+@pytest.mark.parametrize("heads", [1, 4])
+def test_numerical_rank_of_a_zero_stack_is_one_zero_per_head(heads):
+    op = 0.0 * sm.Dense(3, 5, heads=heads, dtype=F64)
+    assert op.rank().bound == 0
+    assert sm.numerical_rank(op) == [0] * heads
+    assert sm.numerical_rank(0.0 * sm.Dense(3, 5, dtype=F64)) == 0
+
+
+def _rank3_rows(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A (5, 7) matrix whose last two rows repeat the first two: rank 3 exactly, in any dtype."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 7, generator=g).to(dtype)
+    return torch.cat([w, w[:2]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_numerical_rank_in_half_precision(dtype):
+    # the dense path (bound 5 = min(m, n)): compare with matrix_rank of the exactly upcast matrix
+    w = _rank3_rows(dtype)
+    assert sm.numerical_rank(sm.Dense.from_tensor(w)) == int(torch.linalg.matrix_rank(w.double())) == 3
+    # the thin path: bound 2 < min(12, 7); the reference is the exact product of the upcast factors (op.dense() is
+    # rounded to half precision, which makes it full rank)
+    torch.manual_seed(0)
+    u, v = sm.Dense(12, 2, dtype=dtype), sm.Dense(2, 7, dtype=dtype)
+    op = u @ v
+    assert op.rank().bound == 2
+    assert sm.numerical_rank(op) == int(torch.linalg.matrix_rank(u.weight.double() @ v.weight.double())) == 2
+    # stacks, both paths
+    assert sm.numerical_rank(sm.Dense.from_tensor(torch.stack([w, w[[0, 0, 1, 1, 0]]]))) == [3, 2]
+    thin = sm.LowRank(12, 7, rank=2, heads=3, dtype=dtype)
+    assert sm.numerical_rank(thin) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_numerical_rank_of_non_finite_parameters(bad):
+    op = sm.Dense(3, 5, dtype=F64)
+    with torch.no_grad():
+        op.weight[1, 2] = bad
+    with pytest.raises(
+        ValueError, match=r"numerical_rank\(Dense\(3, 5\)\): parameter 'weight' of shape \(3, 5\) holds 1 NaN or inf"
+    ):
+        sm.numerical_rank(op)
+    # in a composite the message gives the parameter's path
+    with pytest.raises(ValueError, match=r"numerical_rank\(Product\(7, 5\)\): parameter 'factors\.1\.weight' of"):
+        sm.numerical_rank(sm.Dense(7, 3, dtype=F64) @ op)
+
+
+def test_numerical_rank_when_applying_overflows():
+    # finite float32 parameters 1e30 whose product (2e60) is beyond float32: not a LAPACK error nor a wrong rank
+    big = sm.Dense.from_tensor(torch.full((2, 2), 1e30)) @ sm.Dense.from_tensor(torch.full((2, 2), 1e30))
+    with pytest.raises(ValueError, match=r"numerical_rank\(Product\(2, 2\)\): applying the operator overflowed"):
+        sm.numerical_rank(big)
+    thin = sm.Dense.from_tensor(torch.full((7, 1), 1e30)) @ sm.Dense.from_tensor(torch.full((1, 5), 1e30))
+    with pytest.raises(ValueError, match=r"numerical_rank\(Product\(7, 5\)\): applying the operator overflowed"):
+        sm.numerical_rank(thin)
+
+
+# -- rank: exact wherever the math makes it exact --------------------------------------------------------------------
+def _perm(n: int) -> sm.Permutation:
+    return sm.Permutation(torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist())
+
+
+def _btt() -> sm.LinearOperator:
+    """A 2-core BTT (its family vouches that its cut is exact) of rank 6 < 10: cores (3, 4) x (2, 5) and bond 1, cut
+    min(12, 10, 3 * 2 * 1) = 6."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the family warns that these factors limit the rank: we want it
+        return sm.BTT(12, 10, ranks=1, in_factors=(2, 5), out_factors=(3, 4), dtype=F64)
+
+
+EXACT_RANKS = {
+    # name: (builder, hand-derived bound); every one must claim exactness and equal matrix_rank
+    "kron_btt_lowrank": (lambda: sm.kron(_btt(), sm.LowRank(3, 5, rank=2, dtype=F64)), 6 * 2),
+    "kron_btt_dense": (lambda: sm.kron(sm.Dense(2, 3, dtype=F64), _btt()), 2 * 6),
+    "kron_identity_btt": (lambda: sm.kron(sm.Identity(3), _btt()), 3 * 6),
+    "kron_gather_btt": (lambda: sm.kron(_perm(3), _btt()), 3 * 6),  # a KronNode (the gather is no network)
+    "block_diag_btt_lowrank": (lambda: sm.block_diag(_btt(), sm.LowRank(5, 7, rank=2, dtype=F64)), 6 + 2),
+    "transpose_btt": (lambda: _btt().T, 6),
+    "scaled_btt": (lambda: -2.5 * _btt(), 6),
+    "btt_times_gather": (lambda: _btt() @ _perm(10), 6),
+    "gather_times_btt": (lambda: _perm(12) @ _btt(), 6),
+    "gather_times_lowrank": (lambda: _perm(7) @ sm.LowRank(7, 5, rank=2, dtype=F64), 2),
+    "diagonal_times_btt": (lambda: sm.Diagonal.from_tensor(torch.randn(12, dtype=F64)) @ _btt(), 6),
+    "btt_times_diagonal": (lambda: _btt() @ sm.Diagonal.from_tensor(torch.randn(10, dtype=F64)), 6),
+    "btt_times_identity": (lambda: _btt() @ sm.Identity(10), 6),
+    "axes_times_btt": (lambda: sm.Permutation.from_axes((3, 4), (1, 0)) @ _btt(), 6),
+    "injective_chain_surjective": (
+        lambda: sm.Dense(7, 3, dtype=F64) @ _perm(3) @ sm.LowRank(3, 5, rank=2, dtype=F64) @ _perm(5),
+        2,
+    ),
+    "kron_of_transposed_products": (lambda: sm.kron((_perm(12) @ _btt()).T, sm.Dense(2, 3, dtype=F64)), 6 * 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_RANKS))
+def test_rank_is_exact_where_the_math_says_so(name):
+    build, bound = EXACT_RANKS[name]
+    torch.manual_seed(0)
+    op = build()
+    assert op.rank() == sm.Rank(bound, True)
+    assert int(torch.linalg.matrix_rank(op.dense())) == bound
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: sm.Dense(5, 5, dtype=F64) + sm.Dense(5, 5, dtype=F64),  # a sum can cancel (A - A)
+        lambda: sm.LowRank(5, 6, rank=2, dtype=F64) @ _perm(6) @ sm.LowRank(6, 7, rank=3, dtype=F64),  # no pivot
+        lambda: sm.kron(sm.Dense(2, 3, dtype=F64) + sm.Dense(2, 3, dtype=F64), _perm(4)),
+    ],
+)
+def test_rank_stays_a_bound_where_exactness_does_not_follow(build):
+    torch.manual_seed(0)
+    op = build()
+    r = op.rank()
+    assert not r.exact and r.bound >= int(torch.linalg.matrix_rank(op.dense()))
+
+
+def test_rank_of_zero_parts_is_exactly_zero():
+    zero = 0.0 * sm.Dense(3, 5, dtype=F64)
+    assert (zero @ _perm(5)).rank() == sm.Rank(0, True)
+    assert sm.kron(zero, _perm(2)).rank() == sm.Rank(0, True)
+    assert (zero + 0.0 * sm.Dense(3, 5, dtype=F64)).rank() == sm.Rank(0, True)
+
+
+_LEAVES = {
+    "dense": lambda m, n: sm.Dense(m, n, dtype=F64),
+    "lowrank": lambda m, n: sm.LowRank(m, n, rank=max(1, min(m, n) - 1), dtype=F64),
+    "gather": lambda m, n: _perm(m) if m == n else sm.Dense(m, n, dtype=F64),
+    "diagonal": lambda m, n: (
+        sm.Diagonal.from_tensor(torch.randn(m, dtype=F64)) if m == n else sm.Dense(m, n, dtype=F64)
+    ),
+}
+
+
+@settings(max_examples=80)
+@given(
+    data=st.data(),
+    kinds=st.lists(st.sampled_from(sorted(_LEAVES)), min_size=2, max_size=3),
+    how=st.sampled_from(["product", "kron", "block_diag"]),
+)
+def test_rank_claims_match_matrix_rank(data, kinds, how):
+    # random combinations of small leaves: an exact claim equals matrix_rank of random float64 values, a bound bounds
+    torch.manual_seed(0)
+    if how == "product":
+        sizes = data.draw(st.lists(st.integers(1, 5), min_size=len(kinds) + 1, max_size=len(kinds) + 1))
+        op = sm.Product(*(_LEAVES[k](sizes[i], sizes[i + 1]) for i, k in enumerate(kinds)))
+    else:
+        ops = [_LEAVES[k](data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))) for k in kinds]
+        op = sm.kron(*ops) if how == "kron" else sm.block_diag(*ops)
+    r, true = op.rank(), int(torch.linalg.matrix_rank(op.dense()))
+    assert r.bound == true if r.exact else r.bound >= true, (op.name, r, true)
+
+
+# -- dense() is contiguous ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_dense_is_contiguous(name):
+    op = build_zoo(name)
+    d = op.dense()
+    assert d.is_contiguous(), name
+    torch.testing.assert_close(torch.kron(d, torch.ones(1, 2, dtype=d.dtype)), d.repeat_interleave(2, dim=-1))
