@@ -439,9 +439,10 @@ def divisors(k: int) -> list[int]:
 
 @st.composite
 def operators(draw: st.DrawFn, m: int, n: int, depth: int) -> sm.LinearOperator:
-    kinds = ["dense"] + (["identity", "diag"] if m == n else [])
+    kinds = ["dense"] + (["identity", "diag", "permutation"] if m == n else [])
     if depth > 0:
         kinds += ["sum", "sum_python", "difference", "product", "product_python", "transpose", "scaled", "neg", "kron"]
+        kinds += ["shared", "transpose_explicit", "transpose_python"]
         if m >= 2 and n >= 2:
             kinds.append("block_diag")
     kind = draw(st.sampled_from(kinds))
@@ -452,6 +453,15 @@ def operators(draw: st.DrawFn, m: int, n: int, depth: int) -> sm.LinearOperator:
         return sm.Identity(m)
     if kind == "diag":
         return sm.Diagonal(m, device=META)
+    if kind == "permutation":
+        return sm.Permutation(draw(st.permutations(range(m))))
+    if kind == "shared":  # one object used twice (its parameters shared)
+        x = draw(operators(m, n, sub))
+        return x + x if draw(st.booleans()) else sm.Sum(x, 0.5 * x, x)
+    if kind == "transpose_explicit":
+        return sm.Transpose(sm.Transpose(draw(operators(m, n, sub))))
+    if kind == "transpose_python":
+        return draw(operators(m, n, sub)).T.T
     if kind == "sum":
         k = draw(st.integers(2, 3))
         return sm.Sum(*(draw(operators(m, n, sub)) for _ in range(k)))
