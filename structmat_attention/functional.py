@@ -7,6 +7,9 @@ any structmat operator, or a stack of one per head. Each ``W_l`` is applied thro
 ``W_l = L_l^T R_l`` (:func:`structmat.bilinear_split`): queries become ``L_l x_i``, keys ``R_l x_j``, and a pair
 costs the cut width ``r_l`` instead of the full dimension.
 
+A pair that no level joins (possible only when no level is global: blocks and sliding windows) gets no attention by
+default; ``unjoined="zero"`` gives it score 0 instead (the plain sum above).
+
 Standard attention is one global level with ``W = W_Q^T W_K`` (``LowRank``); Bilinear BTT attention is one level with
 ``W = BTT``; MLR attention has levels with ``T_l = T / 2^l`` and low-rank ``W_l``.
 
@@ -49,6 +52,12 @@ def _int_arg(where: str, what: str, value: object, minimum: int, *, optional: bo
     if value < minimum:
         raise ValueError(f"{where}: {what} must be {kind}, got {value!r}")
     return int(value)
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (then dtypes may differ: autocast casts them)."""
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
 def _bool_arg(where: str, what: str, value: object) -> bool:
@@ -180,7 +189,7 @@ def _check(levels: list[Level], x_q: torch.Tensor, x_k: torch.Tensor, where: str
             raise ValueError(f"{where}: {name} must be a tensor of shape (..., T, D), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{where}: {name} must be a floating-point tensor, got {x.dtype}")
-    if x_q.dtype != x_k.dtype:
+    if x_q.dtype != x_k.dtype and not _autocasting(x_q):
         raise TypeError(f"{where}: x_q and x_k must have one dtype, got {x_q.dtype} and {x_k.dtype}")
     try:
         torch.broadcast_shapes(x_q.shape[:-2], x_k.shape[:-2])
@@ -198,7 +207,7 @@ def _check(levels: list[Level], x_q: torch.Tensor, x_k: torch.Tensor, where: str
                 f"{where}: {lv.op.name} needs x_q (..., T_q, {m}) and x_k (..., T_k, {n}), "
                 f"got {tuple(x_q.shape)} and {tuple(x_k.shape)}"
             )
-        if lv.op.dtype is not None and lv.op.dtype != x_q.dtype:
+        if lv.op.dtype is not None and lv.op.dtype != x_q.dtype and not _autocasting(x_q):
             raise TypeError(f"{where}: {lv.op.name} has {lv.op.dtype} parameters, the tokens are {x_q.dtype}")
     return heads.pop() if heads else None
 
@@ -659,7 +668,7 @@ def _check_features(features: object, where: str) -> list[tuple[Level, torch.Ten
         if len(set(sizes)) > 1:
             raise ValueError(f"{where}: every level needs the same {side}, got {sizes}")
     dtypes = {x.dtype for f in feats for x in f[1:3]}
-    if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
+    if (len(dtypes) > 1 and not _autocasting(feats[0][1])) or not all(d.is_floating_point for d in dtypes):
         raise TypeError(
             f"{where}: features must be floating-point tensors of one dtype, got {sorted(map(str, dtypes))}"
         )
@@ -690,7 +699,7 @@ def _check_values(
         raise TypeError(f"{where}: v must be a tensor of shape (..., T_k={t_k}, D_v), got {type(v).__name__}")
     if v.ndim < 2 or v.shape[-2] != t_k:
         raise ValueError(f"{where}: v must have shape (..., T_k={t_k}, D_v), got {tuple(v.shape)}")
-    if v.dtype != dtype:
+    if v.dtype != dtype and not (v.is_floating_point() and _autocasting(v)):
         raise TypeError(f"{where}: v must have the features' dtype {dtype}, got {v.dtype}")
     if heads is not None and v.ndim == len(lead) + 1:
         v = v.unsqueeze(-3)  # one value set for every head

@@ -158,3 +158,17 @@ def test_level_features(setup):
         level_features(W, x, x)
     with pytest.raises(ValueError, match=r"level_features: LowRank\(6, 6, rank=2, heads=2\) needs x_q"):
         level_features(Level(None, W), x[:, :4], x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dtype_checks_leave_autocast_alone(method):
+    torch.manual_seed(0)
+    levels = [Level(None, sm.LowRank(6, 6, rank=2, heads=2)), Level(2, sm.LowRank(6, 6, rank=1, heads=2))]
+    x, v = torch.randn(5, 6), torch.randn(2, 5, 3)
+    expected = structured_attention(x, x, v, levels, causal=True, method=method, key_block=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 tokens, float32 parameters, values and mask
+        out = structured_attention(
+            x.bfloat16(), x.bfloat16(), v, levels, causal=True, mask=torch.zeros(5, 5), method=method, key_block=2
+        )
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.1)
