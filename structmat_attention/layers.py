@@ -18,6 +18,7 @@ The paper's set (Kuang et al., ICML 2025) are constructors: :func:`standard_atte
 
 from __future__ import annotations
 
+import math
 import numbers
 import weakref
 from collections.abc import Callable, Sequence
@@ -27,9 +28,10 @@ from typing import Any, final
 import torch
 
 import structmat as sm
+from structmat._factors import check_int
 
 from .cost import AttentionCost, CostPart, pairs_joined
-from .functional import Level, attend, attention_features, resolve_scale, structured_attention
+from .functional import Level, LevelFeatures, attend, attention_features, resolve_scale, structured_attention
 
 __all__ = [
     "LevelSpec",
@@ -93,17 +95,26 @@ class LevelSpec:
         return Level(self.block_size, self.make(d_model, n_heads, dtype=dtype, device=device), self.scale, self.window)
 
 
-def _check_optional_int(where: str, what: str, value: object) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-        raise ValueError(f"{where}: {what} must be None or an int >= 1, got {value!r}")
-
-
-def _check_int(where: str, what: str, value: object) -> int:
+def _check_optional_int(where: str, what: str, value: object) -> int | None:
+    """None, or ``value`` as an int >= 1: TypeError when it is not an int (bools included), ValueError below 1."""
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {what} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{where}: {what} must be None or an int >= 1, got {type(value).__name__} {value!r}")
     if value < 1:
-        raise ValueError(f"{where}: {what} must be >= 1, got {value}")
+        raise ValueError(f"{where}: {what} must be None or an int >= 1, got {value!r}")
     return int(value)
+
+
+def _check_int(where: str, what: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (TypeError when not an int, ValueError when below)."""
+    return check_int(where, what, value, minimum)
+
+
+def _check_bool(where: str, what: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {what} must be a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _int_list(where: str, what: str, values: object, allow_none: bool = False) -> list[Any]:
@@ -114,8 +125,10 @@ def _int_list(where: str, what: str, values: object, allow_none: bool = False) -
         if v is None and allow_none:
             out.append(None)
             continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            kind = "None or an int >= 1" if allow_none else "an int >= 1"
+        kind = "None or an int >= 1" if allow_none else "an int >= 1"
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{where}: {what}[{k}] must be {kind}, got {type(v).__name__} {v!r}")
+        if v < 1:
             raise ValueError(f"{where}: {what}[{k}] must be {kind}, got {v!r}")
         out.append(int(v))
     return out
@@ -138,9 +151,15 @@ class KVCache:
     Positions count from 0, so the next tokens' queries sit at ``q_offset = len(cache)``. A cache binds to the first
     layer and batch shape it is used with; :meth:`reset` frees it for reuse.
 
+    Tokens that no later query can see are dropped: when the layer masks unjoined pairs (no global level), a token
+    older than every level's reach (a window's ``w - 1`` tokens, a block's start) is gone, so a sliding-window cache
+    holds at most ``window - 1`` tokens between calls (``window - 1 + T`` while attending ``T`` new ones) instead of
+    all of them. ``len(cache)`` still counts every token seen; :attr:`start` is the position of the first one held
+    and :attr:`stored` how many are held.
+
     Example:
         >>> import torch
-        >>> from structmat_attention import KVCache, standard_attention
+        >>> from structmat_attention import KVCache, sliding_window_attention, standard_attention
         >>> layer = standard_attention(8, 2)
         >>> cache = KVCache()
         >>> x = torch.randn(1, 5, 8)
@@ -148,19 +167,36 @@ class KVCache:
         >>> y = layer(x[:, 3:], cache=cache)  # two new tokens see all five
         >>> len(cache), torch.allclose(y, layer(x)[:, 3:], atol=1e-5)
         (5, True)
+        >>> window = sliding_window_attention(8, 2, window=3)
+        >>> cache = KVCache()
+        >>> for t in range(5):
+        ...     _ = window(x[:, t : t + 1], cache=cache)
+        >>> len(cache), cache.start, cache.stored  # the last token sees itself and the 2 before it; 3 and 4 are kept
+        (5, 3, 2)
     """
 
     def __init__(self) -> None:
         self.keys: tuple[torch.Tensor, ...] = ()
         self.values: torch.Tensor | None = None
+        self._start = 0
         self._owner: weakref.ref[torch.nn.Module] | None = None
         self._batch: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
-        return 0 if self.values is None else int(self.values.shape[-2])
+        return self._start + self.stored
 
     def __repr__(self) -> str:
-        return f"KVCache(tokens={len(self)}, batch_shape={self._batch}, levels={len(self.keys)})"
+        return f"KVCache(tokens={len(self)}, stored={self.stored}, batch_shape={self._batch}, levels={len(self.keys)})"
+
+    @property
+    def start(self) -> int:
+        """Position of the first token held (the tokens before it were dropped: no later query sees them)."""
+        return self._start
+
+    @property
+    def stored(self) -> int:
+        """Tokens held: ``len(cache) - start``."""
+        return 0 if self.values is None else int(self.values.shape[-2])
 
     @property
     def batch_shape(self) -> tuple[int, ...] | None:
@@ -177,25 +213,39 @@ class KVCache:
         """Forget every token and the layer it was bound to."""
         self.__init__()  # type: ignore[misc]
 
-    def _extend(
-        self, owner: torch.nn.Module, batch: tuple[int, ...], keys: list[torch.Tensor], values: torch.Tensor, where: str
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Append the new tokens' key features and values; return everything cached (the new tokens last)."""
+    def _check(self, owner: torch.nn.Module, batch: tuple[int, ...], values: torch.Tensor, where: str) -> None:
         if self._owner is not None and self._owner() is not owner:
             raise ValueError(f"{where}: this KVCache holds another layer's keys; use one cache per layer")
         if self._batch is not None and batch != self._batch:
             raise ValueError(
                 f"{where}: the cache holds a batch of shape {self._batch}, got tokens with batch shape {batch}"
             )
+        if self.values is not None and values.dtype != self.values.dtype:
+            raise TypeError(f"{where}: the cache holds {self.values.dtype}, got tokens of {values.dtype}")
+        if self.values is not None and values.device != self.values.device:
+            raise ValueError(f"{where}: the cache is on {self.values.device}, got tokens on {values.device}")
+
+    def _extend(
+        self, owner: torch.nn.Module, batch: tuple[int, ...], keys: list[torch.Tensor], values: torch.Tensor, where: str
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Append the new tokens' key features and values; return everything held (the new tokens last)."""
+        self._check(owner, batch, values, where)
         if self.values is None:
             self.keys, self.values = tuple(keys), values
             self._owner, self._batch = weakref.ref(owner), batch
         else:
-            if values.dtype != self.values.dtype:
-                raise TypeError(f"{where}: the cache holds {self.values.dtype}, got tokens of {values.dtype}")
             self.keys = tuple(torch.cat([old, new], dim=-2) for old, new in zip(self.keys, keys))
             self.values = torch.cat([self.values, values], dim=-2)
         return list(self.keys), self.values
+
+    def _drop_before(self, position: int) -> None:
+        """Forget the tokens before ``position`` (copied out, so that their memory is freed)."""
+        drop = min(position - self._start, self.stored)
+        if drop <= 0:
+            return
+        self.keys = tuple(k[..., drop:, :].clone() for k in self.keys)
+        self.values = self.values[..., drop:, :].clone()  # type: ignore[index]
+        self._start += drop
 
 
 @final
@@ -217,9 +267,11 @@ class StructuredAttention(torch.nn.Module):
         scale: the logit scale ``c``: 'sqrt', 'mup' or a number.
         qk_norm: layer-normalize every level's query and key features.
         key_block: stream over key blocks of this size with an online softmax (peak memory ``O(T · key_block)``).
-        unjoined: what a pair that no level joins gets: ``"zero"`` (score 0, the plain sum of bilinear forms) or
-            ``"mask"`` (no attention, as in sliding-window attention). Irrelevant when a level is global; with
-            ``"mask"`` and no global level the layer builds a ``(T_q, T_k)`` boolean mask of the joined pairs.
+        unjoined: what a pair that no level joins gets (only when no level is global: a global level joins every
+            pair). None (default) or ``"mask"``: the pair is masked out, its query gives the key no attention at all
+            (sliding-window and block-local attention); ``"zero"``: the pair's score is 0, the plain sum of bilinear
+            forms, so the key still gets the softmax weight ``exp(0) / Z`` (and a KV cache must then keep every
+            token). :attr:`masks_unjoined` says which one the layer does.
         value: the value stack, ``(d_value, d_model)`` with ``heads=n_heads`` (default ``Dense``).
         output: the output operator, ``(d_model, n_heads * d_value)`` (default ``Dense``).
         dtype: dtype of the parameters built here.
@@ -247,7 +299,7 @@ class StructuredAttention(torch.nn.Module):
         scale: float | str = "sqrt",
         qk_norm: bool = False,
         key_block: int | None = None,
-        unjoined: str = "zero",
+        unjoined: str | None = None,
         value: sm.LinearOperator | None = None,
         output: sm.LinearOperator | None = None,
         dtype: torch.dtype | None = None,
@@ -276,16 +328,15 @@ class StructuredAttention(torch.nn.Module):
             built.append(lv)
         self.levels: list[Level] = built
         self.level_ops = torch.nn.ModuleList(lv.op for lv in built)  # registers the parameters
-        self.causal = bool(causal)
+        self.causal = _check_bool(where, "causal", causal)
         resolve_scale(scale, 1, where)  # validate now
         self.scale = scale
-        self.qk_norm = bool(qk_norm)
-        if key_block is not None:
-            _check_optional_int(where, "key_block", key_block)
-        self.key_block = key_block
-        if unjoined not in ("zero", "mask"):
-            raise ValueError(f"{where}: unjoined must be 'zero' or 'mask', got {unjoined!r}")
+        self.qk_norm = _check_bool(where, "qk_norm", qk_norm)
+        self.key_block = _check_optional_int(where, "key_block", key_block)
+        if unjoined is not None and unjoined not in ("zero", "mask"):
+            raise ValueError(f"{where}: unjoined must be None, 'zero' or 'mask', got {unjoined!r}")
         self.unjoined = unjoined
+        self._where = where
         if value is None:
             value = sm.Dense(self.d_value, d_model, heads=n_heads, dtype=dtype, device=device)
         if not isinstance(value, sm.LinearOperator) or value.heads != n_heads or value.shape != (self.d_value, d_model):
@@ -307,6 +358,38 @@ class StructuredAttention(torch.nn.Module):
             )
         self.value = value
         self.output = output
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Compute every level's split now, eagerly, so that ``torch.compile`` only reads it (never traces min cut)."""
+        for lv in self.levels:
+            sm.bilinear_split(lv.op)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._prepare()  # a deep copy or an unpickled layer has fresh operators without their splits
+
+    @property
+    def masks_unjoined(self) -> bool:
+        """Whether pairs that no level joins are masked out: no level is global and ``unjoined`` is not 'zero'."""
+        return self.unjoined != "zero" and not any(lv.block_size is None and lv.window is None for lv in self.levels)
+
+    def _keep_from(self, position: int) -> int:
+        """The first position a query at ``position`` or later may see (0: every token is kept).
+
+        Rounded down to a multiple of every block size, so that positions counted from it fall into the same
+        blocks as absolute ones (windows only compare differences).
+        """
+        if not self.masks_unjoined or not self.causal:
+            return 0
+        first, step = position, 1
+        for lv in self.levels:
+            if lv.block_size is not None:
+                first = min(first, position // lv.block_size * lv.block_size)
+                step = math.lcm(step, lv.block_size)
+            elif lv.window is not None:
+                first = min(first, position - lv.window + 1)
+        return max(first, 0) // step * step
 
     def extra_repr(self) -> str:
         lv = ", ".join(
@@ -318,35 +401,29 @@ class StructuredAttention(torch.nn.Module):
         )
         return (
             f"d_model={self.d_model}, n_heads={self.n_heads}, d_value={self.d_value}, levels=[{lv}], "
-            f"causal={self.causal}, scale={self.scale!r}"
+            f"causal={self.causal}, scale={self.scale!r}, masks_unjoined={self.masks_unjoined}"
         )
 
     def new_cache(self) -> KVCache:
         """An empty :class:`KVCache` for this layer."""
         return KVCache()
 
-    def _joined(self, t_q: int, t_k: int, q_offset: int, device: torch.device) -> torch.Tensor | None:
-        """``(T_q, T_k)``: True where some level joins the pair (None when a level is global)."""
-        if self.unjoined == "zero" or any(lv.block_size is None and lv.window is None for lv in self.levels):
-            return None
-        q_pos = torch.arange(t_q, device=device) + q_offset
-        k_pos = torch.arange(t_k, device=device)
-        joined = torch.zeros(t_q, t_k, dtype=torch.bool, device=device)
-        for lv in self.levels:
-            joined |= lv.pair_mask(q_pos, k_pos)
-        return joined
-
-    def _mask(self, mask: torch.Tensor | None, t_q: int, t_k: int, q_offset: int, device: torch.device) -> Any:
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            raise TypeError(f"{type(self).__name__}: mask must be a tensor or None, got {type(mask).__name__}")
-        joined = self._joined(t_q, t_k, q_offset, device)
-        if joined is None:
-            return mask
+    def _check_mask(self, mask: object, t_q: int, t_k: int, where: str) -> torch.Tensor | None:
+        """The user's mask, checked: a bool or floating tensor whose last two dims broadcast to ``(T_q, T_k)``."""
         if mask is None:
-            return joined
-        if mask.dtype == torch.bool:
-            return mask & joined
-        return torch.where(joined, mask, torch.tensor(float("-inf"), dtype=mask.dtype, device=device))
+            return None
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{where}: mask must be a tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(
+                f"{where}: mask must be boolean (True = may attend) or an additive float mask, got {mask.dtype}"
+            )
+        if mask.ndim < 1 or mask.shape[-1] not in (1, t_k) or (mask.ndim > 1 and mask.shape[-2] not in (1, t_q)):
+            raise ValueError(
+                f"{where}: mask must be broadcastable to (..., {self.n_heads}, T={t_q}, T_k={t_k}) (T_k counts cached "
+                f"tokens too), got {tuple(mask.shape)}"
+            )
+        return mask
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Attend.
@@ -367,10 +444,16 @@ class StructuredAttention(torch.nn.Module):
             raise ValueError(f"{where}: x must have shape (..., T, d_model={self.d_model}), got {got}")
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"{where}: cache must be a KVCache or None, got {type(cache).__name__}")
-        v = self.value(x).movedim(-2, -3)  # (..., H, T, d_v)
+        if cache is not None and not self.causal:
+            raise ValueError(
+                f"{self._where}: a KVCache needs a causal layer, this one has causal=False (its first tokens would "
+                f"attend to later ones in the full forward, which the cache cannot give them)"
+            )
         t_q = x.shape[-2]
+        past = 0 if cache is None else len(cache)
+        mask = self._check_mask(mask, t_q, past + t_q, where)
+        v = self.value(x).movedim(-2, -3)  # (..., H, T, d_v)
         if cache is None:
-            mask = self._mask(mask, t_q, t_q, 0, x.device)
             out = structured_attention(
                 x,
                 x,
@@ -381,17 +464,30 @@ class StructuredAttention(torch.nn.Module):
                 scale=self.scale,
                 qk_norm=self.qk_norm,
                 key_block=self.key_block,
+                unjoined=self.unjoined,
             )
         else:
-            past = len(cache)
-            t_k = past + t_q
-            mask = self._mask(mask, t_q, t_k, past, x.device)
-            feats = attention_features(x, x, self.levels, self.scale, qk_norm=self.qk_norm)  # new tokens only
-            keys, v = cache._extend(self, tuple(x.shape[:-2]), [k for _, _, k, _ in feats], v, where)
-            feats = [(lv, q, k, c) for (lv, q, _, c), k in zip(feats, keys)]
-            out = attend(feats, v, self.causal, mask, q_offset=past, key_block=self.key_block)
+            out = self._attend_cached(x, v, mask, cache, where)
         out = out.movedim(-3, -2).reshape(*x.shape[:-1], self.n_heads * self.d_value)
         return self.output(out)
+
+    def _attend_cached(
+        self, x: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cache: KVCache, where: str
+    ) -> torch.Tensor:
+        """The new tokens ``x`` attend to the cache's tokens and to each other; they join the cache, and the tokens
+        no later query can see leave it."""
+        past = len(cache)
+        feats = attention_features(x, x, self.levels, self.scale, qk_norm=self.qk_norm)  # new tokens only
+        keys, v = cache._extend(self, tuple(x.shape[:-2]), [k for _, _, k, _ in feats], v, where)
+        start = cache.start  # keys held: positions start .. past + t_q - 1, counted from start below
+        if mask is not None and mask.shape[-1] != 1:
+            mask = mask[..., start:]
+        feats = [LevelFeatures(lv, q, k, c) for (lv, q, _, c), k in zip(feats, keys)]
+        out = attend(
+            feats, v, self.causal, mask, q_offset=past - start, key_block=self.key_block, unjoined=self.unjoined
+        )
+        cache._drop_before(self._keep_from(len(cache)))
+        return out
 
     def cost(self, seq_len: int, batch: int = 1, *, past: int = 0) -> AttentionCost:
         """Forward cost from shapes alone (no data touched), as :class:`AttentionCost` in FLOPs and MACs.
@@ -610,7 +706,8 @@ def sliding_window_attention(
     """Sliding-window attention: token ``i`` attends to ``j`` only when ``|i - j| < window``.
 
     ``s_h(i, j) = x_i^T U_h V_h x_j / sqrt(d_head)`` for ``|i - j| < window``, and the pair is masked out otherwise
-    (``unjoined='mask'``): causally, each query sees itself and the ``window - 1`` tokens before it.
+    (the layer's default for a set of levels none of which is global): causally, each query sees itself and the
+    ``window - 1`` tokens before it, and a :class:`KVCache` holds at most ``window - 1`` tokens between calls.
 
     Args:
         d_model: token width.
@@ -632,7 +729,6 @@ def sliding_window_attention(
         d_head = _head_dim(where, d_model, n_heads)
     d_head = _check_int(where, "d_head", d_head)
     options.setdefault("d_value", d_head)
-    options.setdefault("unjoined", "mask")
     return StructuredAttention(d_model, n_heads, [LevelSpec(_lowrank(d_head), window=window)], **options)
 
 

@@ -8,9 +8,12 @@ import pytest
 import torch
 from test_attention_layers import VARIANTS, D, H, make
 
+import structmat as sm
 from structmat_attention import (
     GPT,
     KVCache,
+    LevelSpec,
+    StructuredAttention,
     gswa_attention,
     mlr_attention,
     sliding_window_attention,
@@ -168,3 +171,110 @@ def test_model_errors():
         GPT(13, D, H, 1, max_seq_len=0, attention=standard_attention)
     with pytest.raises(TypeError, match=r"attention must be a callable \(d_model, n_heads\) -> module"):
         GPT(13, D, H, 1, max_seq_len=8, attention="mlr")
+
+
+# -- what the cache keeps --------------------------------------------------------------------------------------------
+
+
+def test_a_non_causal_layer_refuses_a_cache():
+    layer = make("standard", causal=False)  # its first token attends to the last one in the full forward
+    msg = r"StructuredAttention\(d_model=12, n_heads=3\): a KVCache needs a causal layer, this one has causal=False"
+    with pytest.raises(ValueError, match=msg):
+        layer(torch.randn(2, 3, D, dtype=F64), cache=KVCache())
+    gpt = GPT(13, D, H, 1, max_seq_len=8, attention=functools.partial(standard_attention, causal=False), dtype=F64)
+    with pytest.raises(ValueError, match=r"a KVCache needs a causal layer"):
+        gpt.generate(torch.zeros(1, 2, dtype=torch.long), 2)
+    assert gpt.generate(torch.zeros(1, 2, dtype=torch.long), 2, use_cache=False).shape == (1, 4)
+
+
+def stored_lengths(layer, x, chunks):
+    """Decode x in chunks; after each call, (tokens seen, tokens held, each level's keys held, values held)."""
+    cache, out, start, seen = KVCache(), [], 0, []
+    for n in chunks:
+        out.append(layer(x[:, start : start + n], cache=cache))
+        start += n
+        seen.append((len(cache), cache.stored, [k.shape[-2] for k in cache.keys], cache.values.shape[-2]))
+    return torch.cat(out, dim=1), seen
+
+
+@pytest.mark.parametrize("window,chunk", [(3, 1), (5, 1), (3, 4), (5, 3)])
+def test_sliding_window_cache_holds_only_the_window(window, chunk):
+    """40 tokens through a window of w: the cache never holds more than w - 1 tokens between calls."""
+    layer = sliding_window_attention(D, H, window=window, dtype=F64)
+    x = torch.randn(2, 40, D, dtype=F64)
+    out, seen = stored_lengths(layer, x, chunking(40, chunk))
+    torch.testing.assert_close(out, layer(x))  # the full causal forward over the whole sequence
+    for p, held, keys, values in seen:
+        assert held == min(p, window - 1) and keys == [held] and values == held
+    cache = KVCache()
+    layer(x[:, :30], cache=cache)
+    assert (len(cache), cache.start, cache.stored) == (30, 31 - window, window - 1)
+    assert cache.nbytes == 8 * 2 * H * (window - 1) * (4 + 4)  # float64, batch 2, rank 4 keys + d_v 4 values
+
+
+def test_block_levels_drop_finished_blocks():
+    """Blocks of 4 and 2, no global level: a query at p sees keys from 4 * (p // 4) on, so p % 4 are held."""
+    layer = mlr_attention(D, H, ranks=[2, 2], block_sizes=[4, 2], dtype=F64)
+    assert layer.masks_unjoined
+    x = torch.randn(2, 13, D, dtype=F64)
+    out, seen = stored_lengths(layer, x, [1] * 13)
+    torch.testing.assert_close(out, layer(x))
+    assert [held for _, held, _, _ in seen] == [p % 4 for p in range(1, 14)]
+    out, seen = stored_lengths(layer, x, [3, 3, 3, 4])
+    torch.testing.assert_close(out, layer(x))
+    assert [held for _, held, _, _ in seen] == [3, 2, 1, 1]  # 3 % 4, 6 % 4, 9 % 4, 13 % 4
+
+
+@pytest.mark.parametrize(
+    "levels,held",
+    [
+        # blocks 2 and 3: the first key kept is rounded down to a multiple of 6, so both levels' blocks line up
+        ([(2, None), (3, None)], lambda p: p - min(p // 2 * 2, p // 3 * 3) // 6 * 6),
+        # blocks of 3 and a window of 2: a query at p needs keys from min(3 * (p // 3), p - 1), rounded to 3
+        ([(3, None), (None, 2)], lambda p: p - max(min(p // 3 * 3, p - 1), 0) // 3 * 3),
+    ],
+)
+def test_mixed_levels_keep_what_some_level_needs(levels, held):
+    specs = [
+        LevelSpec(lambda d, h, **k: sm.LowRank(d, d, rank=2, heads=h, **k), block_size=b, window=w) for b, w in levels
+    ]
+    layer = StructuredAttention(D, H, specs, dtype=F64)
+    x = torch.randn(2, 17, D, dtype=F64)
+    out, seen = stored_lengths(layer, x, [1] * 17)
+    torch.testing.assert_close(out, layer(x))
+    assert [h for _, h, _, _ in seen] == [held(p) for p in range(1, 18)]
+    out, _ = stored_lengths(layer, x, [2, 5, 1, 4, 5])
+    torch.testing.assert_close(out, layer(x))
+
+
+@pytest.mark.parametrize("name,kw", [("gswa", {}), ("mlr", {}), ("sliding_window", {"unjoined": "zero"})])
+def test_cache_keeps_every_token_some_level_or_the_softmax_needs(name, kw):
+    """A global level sees every key; with unjoined='zero' a far key still gets the weight exp(0) / Z."""
+    layer = make(name, **kw)
+    x = torch.randn(2, 11, D, dtype=F64)
+    out, seen = stored_lengths(layer, x, [1] * 11)
+    torch.testing.assert_close(out, layer(x))
+    assert [held for _, held, _, _ in seen] == list(range(1, 12))
+
+
+def test_dropping_cache_with_a_padding_mask_over_all_positions():
+    layer = make("sliding_window")
+    x = torch.randn(1, 10, D, dtype=F64)
+    keep = torch.ones(10, 10, dtype=torch.bool)
+    keep[:, 4] = False
+    keep[7, 6] = False
+    out, cache = decode(layer, x, [3, 1, 1, 2, 3], mask=keep)
+    torch.testing.assert_close(out, layer(x, mask=keep))
+    assert cache.stored == 2
+    additive = torch.zeros(10, 10, dtype=F64).masked_fill(~keep, float("-inf"))
+    torch.testing.assert_close(decode(layer, x, [1] * 10, mask=additive)[0], layer(x, mask=additive))
+
+
+def test_model_generates_many_tokens_with_a_window_sized_cache():
+    gpt = model("sliding_window", max_seq_len=48)
+    prompt = torch.randint(0, 13, (2, 5))
+    cached = gpt.generate(prompt, 40, greedy=True)
+    torch.testing.assert_close(cached, gpt.generate(prompt, 40, greedy=True, use_cache=False))
+    cache = gpt.new_cache()
+    gpt(cached[:, :44], cache=cache)
+    assert all((len(c), c.stored) == (44, 2) for c in cache)

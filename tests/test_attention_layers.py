@@ -62,7 +62,7 @@ def dense_heads(op: sm.LinearOperator) -> torch.Tensor:
 def reference_layer(layer, x, width, causal=True, mask=None):
     """out = W_O concat_h(softmax_j(s_h(i, j)) W_V[h] x_j), s_h(i, j) = x_i^T (Σ_l [joined] c_l W_l[h]) x_j / sqrt(d).
 
-    Pairs no level joins get -inf when the layer masks them (unjoined='mask'); causal and padding masks likewise.
+    Pairs no level joins get -inf when the layer masks them (layer.masks_unjoined); causal and padding masks likewise.
     """
     t = x.shape[0]
     c = 1.0 / math.sqrt(width)
@@ -82,7 +82,7 @@ def reference_layer(layer, x, width, causal=True, mask=None):
                     a = a + lv.scale * w[h]
                     joined = True
                 s[i, j] = c * x[i] @ a @ x[j]
-                if (causal and j > i) or (layer.unjoined == "mask" and not joined):
+                if (causal and j > i) or (layer.masks_unjoined and not joined):
                     s[i, j] = -math.inf
                 if mask is not None and not bool(mask[i, j]):
                     s[i, j] = -math.inf
@@ -276,7 +276,7 @@ def test_errors():
     with pytest.raises(TypeError, match=r"levels\[0\] must be a Level or a LevelSpec, got Dense"):
         StructuredAttention(8, 2, [sm.Dense(8, 8, heads=2)])
     spec = [LevelSpec(lambda d, h, **k: sm.Dense(d, d, heads=h, **k))]
-    with pytest.raises(ValueError, match=r"unjoined must be 'zero' or 'mask', got 'drop'"):
+    with pytest.raises(ValueError, match=r"unjoined must be None, 'zero' or 'mask', got 'drop'"):
         StructuredAttention(8, 2, spec, unjoined="drop")
     with pytest.raises(ValueError, match=r"scale must be a number, 'sqrt' \(1/sqrt\(d\)\) or 'mup' .* got 'cube'"):
         StructuredAttention(8, 2, spec, scale="cube")
@@ -296,3 +296,42 @@ def test_errors():
         layer(torch.randn(5, 8), mask=[[True]])
     with pytest.raises(TypeError, match=r"cache must be a KVCache or None, got dict"):
         layer(torch.randn(5, 8), cache={})
+
+
+def _rank2(d, h, **k):
+    return sm.LowRank(d, d, rank=2, heads=h, **k)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_levels_without_a_global_one_mask_unjoined_pairs_by_default(causal):
+    """Block-only and window-only layers: a pair no level joins gets no attention unless unjoined='zero'."""
+    x = torch.randn(7, D, dtype=F64)
+    blocks = StructuredAttention(D, H, [LevelSpec(_rank2, block_size=3)], causal=causal, dtype=F64)
+    assert blocks.unjoined is None and blocks.masks_unjoined
+    out = blocks(x)
+    torch.testing.assert_close(out, reference_layer(blocks, x, 2, causal))
+    if causal:  # tokens 0, 3 and 6 open a block: each sees itself only, so its output is W_O concat_h(W_V[h] x_i)
+        alone = torch.einsum("hed,td->the", blocks.value.weight, x).reshape(7, -1) @ blocks.output.weight.T
+        torch.testing.assert_close(out[[0, 3, 6]], alone[[0, 3, 6]].detach())
+    else:  # token 6 is alone in the last block
+        alone = (blocks.value.weight @ x[6]).reshape(-1) @ blocks.output.weight.T
+        torch.testing.assert_close(out[6], alone.detach())
+    zero = StructuredAttention(D, H, [LevelSpec(_rank2, block_size=3)], causal=causal, unjoined="zero", dtype=F64)
+    zero.load_state_dict(blocks.state_dict())
+    assert not zero.masks_unjoined
+    torch.testing.assert_close(zero(x), reference_layer(zero, x, 2, causal))  # far pairs score 0, still weighted
+    assert not torch.allclose(zero(x), out)
+    window = StructuredAttention(D, H, [LevelSpec(_rank2, window=2)], causal=causal, dtype=F64)
+    assert window.masks_unjoined
+    torch.testing.assert_close(window(x), reference_layer(window, x, 2, causal))
+    explicit = StructuredAttention(D, H, [LevelSpec(_rank2, window=2)], causal=causal, unjoined="mask", dtype=F64)
+    explicit.load_state_dict(window.state_dict())
+    torch.testing.assert_close(explicit(x), window(x))
+
+
+def test_a_global_level_joins_every_pair_whatever_unjoined_says():
+    for unjoined in (None, "mask", "zero"):
+        layer = gswa_attention(D, H, window=2, unjoined=unjoined, dtype=F64)
+        assert not layer.masks_unjoined
+    assert sliding_window_attention(D, H, window=2).masks_unjoined
+    assert "masks_unjoined=True" in repr(sliding_window_attention(D, H, window=2))
