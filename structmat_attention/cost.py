@@ -18,14 +18,17 @@ keys, ``H`` heads and ``batch`` sequences:
   level, ``Σ_blocks (queries in block)·(keys in block)`` for a blocked level (``T_l`` keys per query when the
   blocks divide ``T``: MLR scores cost ``Σ_l r_l · T_l`` per query per head), the pairs with ``|i - j| < w`` for a
   window ``w``. Pairs are counted before the causal mask (the layer computes them all, then masks).
-- ``softmax``: over the ``(T_q, T_k)`` score matrix per head the layer holds: 5 FLOPs per entry (the logit scale's
+- ``softmax``: over the ``(T_q, T_k')`` score matrix per head the layer holds: 5 FLOPs per entry (the logit scale's
   multiply, subtract the row max, exp, add to the row sum, divide by it; the max's comparisons are not counted), 0 MACs.
-- ``attention_values``: ``P @ V``, ``T_q · T_k · d_v`` MACs per head.
+  ``T_k'`` is ``T_k`` except in a decoding step (``past > 0``) of a layer whose KV cache drops the tokens no query
+  can see any more (no global level, unjoined pairs masked): then only the keys it still holds count.
+- ``attention_values``: ``P @ V``, ``T_q · T_k' · d_v`` MACs per head.
 - ``output_projection``: the output operator on the new tokens.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -98,7 +101,7 @@ class AttentionCost:
         return iter(self.parts)
 
     def __str__(self) -> str:
-        width = max(len(p.name) for p in self.parts)
+        width = max((len(p.name) for p in self.parts), default=4)
         lines = [
             f"  Attention cost: batch {self.batch}, {self.seq_len} new tokens after {self.past}, {self.heads} heads",
             f"  {'part':<{width}}  {'FLOPs (mul-add = 2)':>20}  {'MACs':>16}",
@@ -125,6 +128,13 @@ def pairs_joined(block_size: int | None, window: int | None, t_q: int, t_k: int,
         >>> pairs_joined(None, None, 5, 5), pairs_joined(2, None, 5, 5), pairs_joined(None, 2, 5, 5)
         (25, 9, 13)
     """
+    block_size = _optional_size("block_size", block_size)
+    window = _optional_size("window", window)
+    if block_size is not None and window is not None:
+        raise ValueError(f"pairs_joined: give block_size={block_size} or window={window}, not both")
+    t_q, t_k, q_offset = (
+        _size(what, v, least) for what, v, least in (("t_q", t_q, 0), ("t_k", t_k, 0), ("q_offset", q_offset, 0))
+    )
     if block_size is not None:
         total = 0
         q_end = q_offset + t_q
@@ -137,3 +147,21 @@ def pairs_joined(block_size: int | None, window: int | None, t_q: int, t_k: int,
     if window is not None:
         return sum(max(min(i + window, t_k) - max(i - window + 1, 0), 0) for i in range(q_offset, q_offset + t_q))
     return t_q * t_k
+
+
+def _size(what: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"pairs_joined: {what} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"pairs_joined: {what} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _optional_size(what: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"pairs_joined: {what} must be None or an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"pairs_joined: {what} must be None or an int >= 1, got {value}")
+    return int(value)

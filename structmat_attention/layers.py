@@ -496,15 +496,17 @@ class StructuredAttention(torch.nn.Module):
             seq_len: new tokens per sequence ``T_q`` (the whole sequence without a cache).
             batch: sequences.
             past: tokens already cached (keys ``T_k = past + seq_len``): ``cost(1, past=t)`` is one decoding step.
+                The softmax and ``P @ V`` run over the keys the cache still holds: a sliding window's last
+                ``window - 1`` tokens and the new ones, not all ``T_k``.
 
         See :mod:`structmat_attention.cost` for each part's convention.
         """
         where = f"{type(self).__name__}.cost"
         t_q = _check_int(where, "seq_len", seq_len)
         batch = _check_int(where, "batch", batch)
-        if isinstance(past, bool) or not isinstance(past, numbers.Integral) or past < 0:
-            raise ValueError(f"{where}: past must be an int >= 0, got {past!r}")
+        past = _check_int(where, "past", past, 0)
         t_k, h, n = past + t_q, self.n_heads, batch * t_q
+        held = t_k - self._keep_from(past)  # the keys a KVCache still holds (all of them without a cache)
         parts: list[CostPart] = []
         scores: list[CostPart] = []
         norm = 0
@@ -521,12 +523,12 @@ class StructuredAttention(torch.nn.Module):
         c = self.value.cost(n)
         parts.append(CostPart("value_projection", c.flops, c.macs))
         parts += scores
-        entries = batch * h * t_q * t_k
+        entries = batch * h * t_q * held
         parts.append(CostPart("softmax", 5 * entries, 0))
         parts.append(CostPart("attention_values", 2 * entries * self.d_value, entries * self.d_value))
         c = self.output.cost(n)
         parts.append(CostPart("output_projection", c.flops, c.macs))
-        return AttentionCost(t_q, batch, int(past), h, tuple(parts))
+        return AttentionCost(t_q, batch, past, h, tuple(parts))
 
 
 # -- the paper's set ---------------------------------------------------------------------------------------------------

@@ -121,7 +121,35 @@ def test_report_and_errors():
     layer = standard_attention(8, 2)
     with pytest.raises(ValueError, match=r"StructuredAttention.cost: seq_len must be >= 1, got 0"):
         layer.cost(0)
-    with pytest.raises(ValueError, match=r"past must be an int >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"StructuredAttention.cost: past must be >= 0, got -1"):
         layer.cost(3, past=-1)
     with pytest.raises(TypeError, match=r"batch must be an int, got float 2.0"):
         layer.cost(3, batch=2.0)
+
+
+def test_decoding_step_of_a_dropping_cache_counts_the_keys_it_holds():
+    # window 3, one token at position 20: its cache holds tokens 18, 19 (window - 1) plus the new one -> 3 keys.
+    p = parts(sliding_window_attention(12, 3, window=3).cost(1, past=20))
+    assert p["scores[0]"] == (72, 36)  # 3 heads * 3 pairs * rank 4
+    assert p["softmax"] == (45, 0)  # 5 * 3 heads * 1 * 3 keys (not 21)
+    assert p["attention_values"] == (72, 36)  # 3 * 1 * 3 * d_v 4
+    # blocks of 4 and 2, no global level: at position 13 the cache holds 12 and the two new tokens 13, 14
+    q = parts(mlr_attention(12, 3, ranks=[2, 2], block_sizes=[4, 2]).cost(2, past=13))
+    assert q["softmax"] == (5 * 3 * 2 * 3, 0)
+    assert q["scores[0]"][1] == 3 * (2 * 3) * 2  # block [12, 16): 2 queries x keys 12, 13, 14 (before causality)
+    # a global level keeps every key
+    assert parts(standard_attention(12, 3).cost(1, past=20))["softmax"] == (5 * 3 * 21, 0)
+
+
+def test_pairs_joined_errors():
+    with pytest.raises(ValueError, match=r"pairs_joined: block_size must be None or an int >= 1, got 0"):
+        pairs_joined(0, None, 3, 3)
+    with pytest.raises(TypeError, match=r"pairs_joined: t_q must be an int, got str '3'"):
+        pairs_joined(None, None, "3", 3)
+    with pytest.raises(ValueError, match=r"pairs_joined: q_offset must be >= 0, got -1"):
+        pairs_joined(None, 2, 3, 3, q_offset=-1)
+    with pytest.raises(ValueError, match=r"give block_size=2 or window=3, not both"):
+        pairs_joined(2, 3, 3, 3)
+    with pytest.raises(TypeError, match=r"StructuredAttention.cost: past must be an int, got float 1.5"):
+        standard_attention(8, 2).cost(3, past=1.5)
+    assert "total" in str(AttentionCost(1, 1, 0, 1, ()))
