@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from torch.nn.utils import prune
 
 from ._cost import Cost, Rank
 from ._nodes import Node
@@ -30,9 +32,51 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind)
 
 
+# bumped whenever a hook is registered on an operator: a composite looks for hooks on its operands only then
+_hook_epoch = [0]
+
+
+def _ignored_hooks(op: LinearOperator) -> list[str]:
+    """Names of the operators nested in ``op`` that have hooks its application skips: forward (pre-)hooks and
+    backward hooks. Pruning's pre-hook is not one of them: the factor reads the pruned tensor itself."""
+    names = []
+    for sub in op.modules():
+        if sub is op or not isinstance(sub, LinearOperator):
+            continue
+        pre = [h for h in sub._forward_pre_hooks.values() if not isinstance(h, prune.BasePruningMethod)]
+        if pre or sub._forward_hooks or sub._backward_hooks or sub._backward_pre_hooks:
+            names.append(sub.name)
+    return names
+
+
+def _held(owner: torch.nn.Module, name: str) -> torch.Tensor:
+    """The tensor that holds a factor's values (for its dtype and device), without computing anything: the
+    parameter or buffer; for a pruned one its ``<name>_orig``; else the attribute (a parametrization computes it)."""
+    t = owner._parameters.get(name)
+    if t is None:
+        t = owner._buffers.get(name)
+    if t is None:
+        t = owner._parameters.get(name + "_orig")
+    if t is None:
+        t = getattr(owner, name)
+    return t
+
+
+def _shown(value: Any) -> str:
+    """``value`` as messages quote it: its type and repr, but only the shape of a tensor or array (never its values).
+
+    >>> _shown(2.5), _shown(torch.zeros(3, 5))
+    ('float 2.5', 'Tensor of shape (3, 5)')
+    """
+    shape = getattr(value, "shape", None)
+    if isinstance(value, torch.Tensor) or isinstance(shape, tuple):
+        return f"{type(value).__name__} of shape {tuple(shape)}"  # type: ignore[arg-type]
+    return f"{type(value).__name__} {value!r}"
+
+
 def _check_size(owner: str, what: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {what} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{owner}: {what} must be an int, got {_shown(value)}")
     if value < 1:
         raise ValueError(f"{owner}: {what} must be >= 1, got {value}")
     return int(value)
@@ -44,6 +88,19 @@ class LinearOperator(torch.nn.Module):
     Subclasses implement one hook, ``_lower()``, which returns the operator's execution node (a tensor network, or a
     sum/chain of them). Application, ``dense()``, ``rank()``, ``cost()``, transposition and composition all come from
     that node. The structure is fixed at construction; parameter values may change freely.
+
+    Hooks and parametrizations: an operator nested in a composition is not called (its network is fused into the
+    composition's einsum), so only what its factors read is honored there:
+
+    - ``torch.nn.utils.parametrize`` (``parametrizations.orthogonal``, ``weight_norm``, ``spectral_norm``, custom
+      ones): supported everywhere; every application computes the factor from the current original.
+    - ``torch.nn.utils.prune``: supported everywhere; every application multiplies the current ``<name>_orig`` by
+      the current ``<name>_mask`` (the ``<name>`` attribute, refreshed only by the pruning pre-hook, is not read).
+    - forward hooks, forward pre-hooks and backward hooks (``register_forward_hook`` ...): they run when the operator
+      itself is called, never when a composition holding it is applied; that composition warns (``UserWarning``,
+      once per composition and hook registration). Register them on the outermost operator instead. The
+      pre-``parametrize`` utilities that work by a pre-hook (``torch.nn.utils.weight_norm``, ``spectral_norm``)
+      are hooks of this kind: use their ``parametrizations`` versions.
 
     Example:
         >>> import torch, structmat as sm
@@ -65,6 +122,7 @@ class LinearOperator(torch.nn.Module):
         n = _check_size(kind, "n (columns)", shape[1])
         self._shape = (m, n)
         self._heads = heads
+        self._hooks_seen = -1  # the hook epoch at which nested operators were last looked at
 
     # -- the hook ----------------------------------------------------------------------------------------------------
     def _lower(self) -> Node:
@@ -137,7 +195,7 @@ class LinearOperator(torch.nn.Module):
             factors = [fa for net in self._node.networks() for fa in net.factors]
             probe = self.__dict__["_probe"] = (factors[0].owner, factors[0].name) if factors else ()
         if probe:
-            return getattr(probe[0], probe[1])
+            return _held(probe[0], probe[1])
         return next(iter(self._tensors()), None)
 
     @property
@@ -180,6 +238,8 @@ class LinearOperator(torch.nn.Module):
         """
         if not torch.compiler.is_compiling():  # checks read Python state that torch.compile need not trace
             self._check_input(x)
+            if self._hooks_seen != _hook_epoch[0]:
+                self._warn_nested_hooks()
         m, n = self._shape
         heads = self._heads
         cast = _autocast_dtype(x)
@@ -203,6 +263,46 @@ class LinearOperator(torch.nn.Module):
         if x.numel() == 0:
             return x.new_zeros(out)
         return self._node.apply(x.reshape(-1, n)).reshape(out)
+
+    # -- hooks -------------------------------------------------------------------------------------------------------
+    def _warn_nested_hooks(self) -> None:
+        self._hooks_seen = _hook_epoch[0]
+        names = _ignored_hooks(self)
+        if names:
+            warnings.warn(
+                f"{self.name}: hooks registered on {', '.join(names)} do not run when {self.name} is applied (a "
+                "nested operator is fused into the composition's einsum, not called); register them on "
+                f"{self.name}. Parametrizations and pruning of nested operators are honored.",
+                UserWarning,
+                stacklevel=5,  # the caller of op(x), through Module.__call__
+            )
+
+    def register_forward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`torch.nn.Module.register_forward_hook`; it does not run inside a composition (one that holds
+        this operator warns when applied)."""
+        _hook_epoch[0] += 1
+        return super().register_forward_hook(*args, **kwargs)
+
+    def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`torch.nn.Module.register_forward_pre_hook`; it does not run inside a composition (one that
+        holds this operator warns when applied; pruning's pre-hook is not needed there)."""
+        _hook_epoch[0] += 1
+        return super().register_forward_pre_hook(*args, **kwargs)
+
+    def register_full_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`torch.nn.Module.register_full_backward_hook`; it does not run inside a composition."""
+        _hook_epoch[0] += 1
+        return super().register_full_backward_hook(*args, **kwargs)
+
+    def register_full_backward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`torch.nn.Module.register_full_backward_pre_hook`; it does not run inside a composition."""
+        _hook_epoch[0] += 1
+        return super().register_full_backward_pre_hook(*args, **kwargs)
+
+    def register_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`torch.nn.Module.register_backward_hook`; it does not run inside a composition."""
+        _hook_epoch[0] += 1
+        return super().register_backward_hook(*args, **kwargs)
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):

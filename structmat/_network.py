@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch.nn.utils import prune
 
 __all__ = ["Factor", "Network", "fuse", "kron_networks", "refine", "MAX_LABELS"]
 
@@ -43,7 +44,21 @@ class Factor:
     shape: tuple[int, ...]
 
     def fetch(self) -> torch.Tensor:
-        t = getattr(self.owner, self.name)
+        """The tensor's current value, viewed in the network's shape.
+
+        It is read through the owner (``getattr``), so a parametrization (``torch.nn.utils.parametrize``) computes
+        it from the current original. A pruned tensor (``torch.nn.utils.prune``) is recomputed from
+        ``<name>_orig`` and ``<name>_mask`` by the pruning method: the attribute ``<name>`` is refreshed only by a
+        forward pre-hook, which never runs for an operator applied inside a composition.
+        """
+        owner = self.owner
+        t = None
+        if owner._forward_pre_hooks:
+            for hook in owner._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == self.name:
+                    t = hook.apply_mask(owner)
+        if t is None:
+            t = getattr(owner, self.name)
         return t if tuple(t.shape) == self.shape else t.reshape(self.shape)
 
     @property

@@ -243,16 +243,17 @@ def _plan_of(node: NetNode, batch: int, per_head: bool) -> tuple[_Plan, float]:
     of the graph and restart the analysis to specialize it.
     """
     if torch.compiler.is_compiling():
-        equation, path, scale = _traced_plan(node.network, node._in_shape, _COMPILE_BATCH, per_head)
+        equation, path, scale = _traced_plan(node, _COMPILE_BATCH, per_head)
         return _Plan(equation, list(path) if path is not None else None, None), scale  # type: ignore[arg-type]
     return node._plan(batch, per_head), node.network.scale
 
 
-def _traced_plan(network: Network, in_shape: tuple[int, ...], batch: int, per_head: bool) -> tuple[str, Any, float]:
+def _traced_plan(node: NetNode, batch: int, per_head: bool) -> tuple[str, Any, float]:
     """The equation, flat path and scale, as plain constants that torch.compile can bake into the graph (every
-    argument is a constant: ``batch`` is :data:`_COMPILE_BATCH`, never the traced input's)."""
-    plan = NetNode(network)._plan(batch, per_head)
-    return plan.equation, tuple(plan.path) if plan.path is not None else None, network.scale
+    argument is a constant: ``batch`` is :data:`_COMPILE_BATCH`, never the traced input's). The node's own cached
+    plan, so it is planned once for all compilations."""
+    plan = node._plan(batch, per_head)
+    return plan.equation, tuple(plan.path) if plan.path is not None else None, node.network.scale
 
 
 def _traced_scale(node: GatherNode) -> float:
