@@ -85,6 +85,9 @@ class Level:
         scale: the level's constant ``c_l``.
         window: instead of blocks, a sliding window: query i and key j interact when ``|i - j| < window``
             (positions absolute). Exclusive with ``block_size``.
+
+    Building a Level computes the operator's split (:func:`structmat.bilinear_split`, kept on the operator), so
+    attention over Levels built beforehand compiles with ``torch.compile(fullgraph=True)``.
     """
 
     block_size: int | None
@@ -106,6 +109,7 @@ class Level:
             raise ValueError(f"{where}: give block_size={b} or window={w}, not both")
         object.__setattr__(self, "block_size", b)  # plain ints (numpy integers are accepted)
         object.__setattr__(self, "window", w)
+        sm.bilinear_split(self.op)  # computed now, outside any compiled region, and kept on the operator
 
     @property
     def is_global(self) -> bool:

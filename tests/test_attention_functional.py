@@ -557,3 +557,17 @@ def test_numpy_integers_are_accepted():
     )
     torch.testing.assert_close(out, expected)
     assert type(Level(np.int64(2), W).block_size) is int and type(Level(None, W, window=np.int32(3)).window) is int
+
+
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed"])
+def test_structured_attention_compiles_fullgraph(method):
+    levels = [Level(4, lowrank(6, 2, heads=2)), Level(2, lowrank(6, 1, heads=2))]  # no global level: masked
+    x, v = torch.randn(7, 6, dtype=F64), torch.randn(2, 7, 3, dtype=F64)
+    mask = torch.randn(7, 7, dtype=F64)
+
+    def f(x, v, mask):
+        return structured_attention(x, x, v, levels, causal=True, mask=mask, method=method, key_block=3)
+
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="eager", fullgraph=True)(x, v, mask)
+    torch.testing.assert_close(out, f(x, v, mask))  # eager is checked against the references above
