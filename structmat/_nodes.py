@@ -25,6 +25,7 @@ import torch
 
 from ._cost import Contraction, Cost, Rank
 from ._network import MAX_LABELS, Network, fuse, kron_networks
+from ._paths import best_path
 
 __all__ = [
     "Node",
@@ -96,12 +97,10 @@ def _combine(shape: tuple[int, int], batch: int, parts: list[Cost], flops: int =
     )
 
 
-def _best_path(eq: str, shapes: list[tuple[int, ...]]) -> tuple[Any, Any]:
-    """opt_einsum's path: exhaustive ("optimal") up to 6 operands, dynamic programming (also optimal in flops) up to
-    10, and greedy beyond (deterministic; the exact searches grow exponentially: ``dp`` takes ~1 s for a Kronecker
-    product of 13 factors, minutes for 16)."""
-    optimize = "optimal" if len(shapes) <= 6 else "dp" if len(shapes) <= 10 else "greedy"
-    return oe.contract_path(eq, *shapes, shapes=True, optimize=optimize)
+def _best_path(eq: str, shapes: list[tuple[int, ...]], parts: tuple[int, ...] = ()) -> tuple[Any, Any]:
+    """opt_einsum's ``(path, PathInfo)``: the optimum up to 10 operands, never worse than the chain of a fused product
+    (``parts``), planned in tens of milliseconds at most (see :mod:`structmat._paths`)."""
+    return best_path(eq, shapes, parts)
 
 
 @dataclass
@@ -115,6 +114,8 @@ class _Plan:
 
 class NetNode(Node):
     """One tensor network, contracted by one einsum along a path planned once per batch size."""
+
+    parts: tuple[int, ...] = ()  # a fused product: factors of each network, in factor order (see _paths.best_path)
 
     def __init__(self, network: Network) -> None:
         count = len(network.labels())
@@ -151,7 +152,7 @@ class NetNode(Node):
             summed = set(lhs) - set(rhs)
             flops = (math.prod(xshape) if summed else 0) + scale_flops
             return _Plan(eq, None, Contraction(eq, tuple(shapes), ((0,),), flops, scale_flops, out_size))
-        path, info = _best_path(eq, shapes)
+        path, info = _best_path(eq, shapes, self.parts)
         size = dict(info.size_dict)
         macs = 0
         for step in info.contraction_list:
@@ -210,10 +211,10 @@ class NetNode(Node):
         return Rank(bound, exact)
 
     def transpose(self) -> Node:
-        return NetNode(self.network.transpose())
+        return _with_parts(NetNode(self.network.transpose()), self.parts)
 
     def scaled(self, c: float) -> Node:
-        return NetNode(self.network.scaled(c))
+        return _with_parts(NetNode(self.network.scaled(c)), self.parts)
 
 
 _COMPILE_BATCH = 1024  # the batch a traced plan is made for (see _plan_of)
@@ -523,10 +524,20 @@ def compose(nodes: list[Node]) -> Node:
         if out and isinstance(out[-1], NetNode) and isinstance(node, NetNode):
             fused = fuse(out[-1].network, node.network)
             if fused is not None and len(fused.labels()) <= MAX_LABELS:  # else: chain
-                out[-1] = NetNode(fused)
+                # the parts are kept so that its path is never worse than applying them one at a time
+                out[-1] = _with_parts(NetNode(fused), _parts_of(out[-1]) + _parts_of(node))
                 continue
         out.append(node)
     return out[0] if len(out) == 1 else ChainNode(out)
+
+
+def _parts_of(node: NetNode) -> tuple[int, ...]:
+    return node.parts or (len(node.network.factors),)
+
+
+def _with_parts(node: NetNode, parts: tuple[int, ...]) -> NetNode:
+    node.parts = parts
+    return node
 
 
 def add(nodes: list[Node]) -> Node:
