@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ._base import _shown
 from ._init import check_float_dtype, spectral_std
 from ._network import Factor, Network
 
@@ -32,7 +33,7 @@ def check_heads(owner: str, heads: object) -> int | None:
     if heads is None:
         return None
     if isinstance(heads, bool) or not isinstance(heads, numbers.Integral):
-        raise TypeError(f"{owner}: heads must be None or an int >= 1, got {type(heads).__name__} {heads!r}")
+        raise TypeError(f"{owner}: heads must be None or an int >= 1, got {_shown(heads)}")
     if heads < 1:
         raise ValueError(f"{owner}: heads must be None or an int >= 1, got {heads!r}")
     return int(heads)

@@ -225,7 +225,7 @@ def test_dense_from_tensor_wrong_ndim():
         sm.Dense.from_tensor(torch.ones(5))
     with pytest.raises(ValueError, match=r"Dense.from_tensor: weight must be a 2-D .*got \(2, 3, 5, 7\)"):
         sm.Dense.from_tensor(torch.ones(2, 3, 5, 7))
-    with pytest.raises(ValueError, match=r"Dense.from_tensor: weight must be a 2-D .*got list"):
+    with pytest.raises(TypeError, match=r"Dense.from_tensor: weight must be a torch.Tensor, got list"):
         sm.Dense.from_tensor([[1.0, 2.0]])
 
 
@@ -251,7 +251,7 @@ def test_diagonal_from_tensor_wrong_ndim():
         sm.Diagonal.from_tensor(torch.ones(3, 5))
     with pytest.raises(ValueError, match=r"Diagonal.from_tensor: diag must be a 1-D tensor, got \(\)"):
         sm.Diagonal.from_tensor(torch.tensor(1.0))
-    with pytest.raises(ValueError, match=r"Diagonal.from_tensor: diag must be a 1-D tensor, got list"):
+    with pytest.raises(TypeError, match=r"Diagonal.from_tensor: diag must be a torch.Tensor, got list"):
         sm.Diagonal.from_tensor([1.0, 2.0])
 
 
@@ -741,3 +741,25 @@ def test_scalars_whose_product_underflows_to_zero():
         (sm.Dense(3, 5) * 1e-200) * 1e-200
     # a zero asked for is not an underflow
     assert (0.0 * (sm.Dense(3, 5) * 1e-200)).rank() == sm.Rank(0, True)
+
+
+@pytest.mark.parametrize(
+    "build, msg",
+    [
+        (lambda: sm.Diagonal(VALUES), r"Diagonal: m \(rows\) must be an int, got Tensor of shape \(3, 5\)"),
+        (lambda: sm.Dense(3, VALUES), r"Dense: n \(columns\) must be an int, got Tensor of shape \(3, 5\)"),
+        (
+            lambda: sm.Dense(3, 5, heads=VALUES),
+            r"Dense: heads must be None or an int >= 1, got Tensor of shape \(3, 5\)",
+        ),
+        (lambda: sm.Dense(3, 5).cost(batch=VALUES), r"cost: batch must be an int, got Tensor of shape \(3, 5\)"),
+        (
+            lambda: tn(LOWRANK, dict(o=3, r=VALUES, i=5)),
+            r"size of label 'r' must be an int, got Tensor of shape \(3, 5\)",
+        ),
+    ],
+)
+def test_a_tensor_as_a_size_is_named_without_its_values(build, msg):
+    with pytest.raises(TypeError, match=msg) as info:
+        build()
+    assert "12345" not in str(info.value)

@@ -66,9 +66,12 @@ class Dense(LinearOperator):
 
         ``weight`` of shape ``(m, n)`` gives one operator, ``(H, m, n)`` a stack of H.
         """
-        if not isinstance(weight, torch.Tensor) or weight.ndim not in (2, 3):
-            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-            raise ValueError(f"Dense.from_tensor: weight must be a 2-D (m, n) or 3-D (H, m, n) tensor, got {got}")
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"Dense.from_tensor: weight must be a torch.Tensor, got {type(weight).__name__}")
+        if weight.ndim not in (2, 3):
+            raise ValueError(
+                f"Dense.from_tensor: weight must be a 2-D (m, n) or 3-D (H, m, n) tensor, got {tuple(weight.shape)}"
+            )
         heads = weight.shape[0] if weight.ndim == 3 else None
         m, n = weight.shape[-2:]
         obj = cls.__new__(cls)

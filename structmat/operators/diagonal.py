@@ -35,9 +35,10 @@ class Diagonal(LinearOperator):
     @classmethod
     def from_tensor(cls, diag: torch.Tensor, *, requires_grad: bool = True) -> Diagonal:
         """A ``Diagonal`` holding the 1-D tensor ``diag`` as its parameter, without copying."""
-        if not isinstance(diag, torch.Tensor) or diag.ndim != 1:
-            got = tuple(diag.shape) if isinstance(diag, torch.Tensor) else type(diag).__name__
-            raise ValueError(f"Diagonal.from_tensor: diag must be a 1-D tensor, got {got}")
+        if not isinstance(diag, torch.Tensor):
+            raise TypeError(f"Diagonal.from_tensor: diag must be a torch.Tensor, got {type(diag).__name__}")
+        if diag.ndim != 1:
+            raise ValueError(f"Diagonal.from_tensor: diag must be a 1-D tensor, got {tuple(diag.shape)}")
         obj = cls.__new__(cls)
         LinearOperator.__init__(obj, (diag.shape[0], diag.shape[0]))
         check_float_dtype(obj.name, diag.dtype)
