@@ -24,13 +24,14 @@ def numerical_rank(op: LinearOperator, rtol: float | None = None) -> int | list[
     are those of ``A``. This applies ``A`` and ``A^T`` to ``r`` vectors each and never forms the ``m x n`` matrix.
     Otherwise the dense matrix is formed.
 
-    Half-precision parameters (float16, bfloat16) are read in float32 (exactly) and the computation runs in float32;
-    the default tolerance still uses the parameters' own precision.
+    Half-precision parameters (float16, bfloat16) are read in float32 (exactly) and the computation runs in float32:
+    the result is the rank of the matrix those values define, at float32's tolerance (the parameters' own rounding
+    is not noise to discount: they are the values).
 
     Args:
         op: the operator.
         rtol: singular values at most ``rtol * σ_max`` count as zero; default ``max(m, n) * eps(dtype)``
-            (as ``torch.linalg.matrix_rank``), with ``dtype`` the parameters' dtype.
+            (as ``torch.linalg.matrix_rank``), with ``dtype`` the dtype computed in.
 
     Returns:
         The number of singular values above the tolerance; for a stack of H heads, a list of H such numbers.
@@ -63,10 +64,11 @@ def numerical_rank(op: LinearOperator, rtol: float | None = None) -> int | list[
     if bound == 0:
         return [0] * op.heads if op.heads is not None else 0
     own = op.dtype or torch.get_default_dtype()
+    dtype = torch.float32 if own in _HALF else own
     with torch.no_grad():
-        s = _singular_values(where, op, bound, torch.float32 if own in _HALF else own)
+        s = _singular_values(where, op, bound, dtype)
     if rtol is None:
-        rtol = max(op.shape) * torch.finfo(own).eps
+        rtol = max(op.shape) * torch.finfo(dtype).eps
     counts = (s > rtol * s.amax(dim=-1, keepdim=True)).sum(dim=-1)
     return counts.tolist() if op.heads is not None else int(counts)
 

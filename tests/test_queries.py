@@ -3,6 +3,7 @@ state_dict, dtype moves, autocast, torch.compile, printing, and the Python opera
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import opt_einsum
@@ -356,6 +357,16 @@ def test_numerical_rank_in_half_precision(dtype):
     assert sm.numerical_rank(sm.Dense.from_tensor(torch.stack([w, w[[0, 0, 1, 1, 0]]]))) == [3, 2]
     thin = sm.LowRank(12, 7, rank=2, heads=3, dtype=dtype)
     assert sm.numerical_rank(thin) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_numerical_rank_in_half_precision_is_the_rank_of_the_values(name, dtype):
+    # the half-precision values, upcast exactly to float64, define the matrix whose rank is asked for (the rounding to
+    # half precision happened when the values were stored; it is not noise to discount)
+    op = build_zoo(name).to(dtype)
+    reference = copy.deepcopy(op).to(F64)
+    assert sm.numerical_rank(op) == sm.numerical_rank(reference)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
