@@ -39,7 +39,7 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -143,8 +143,7 @@ _ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t", "r": "\r"}
 _MAX_DEPTH = 100
 
 
-@dataclass(frozen=True)
-class _Token:
+class _Token(NamedTuple):
     kind: str  # "num", "str", "name", "op" or "end"
     text: str  # for "str": the string's value, escapes resolved
     pos: int
@@ -172,35 +171,34 @@ def _string(text: str, pos: int) -> tuple[str, int]:
     raise _error(text, pos, f"unterminated string: {quote} is never closed")
 
 
+# one token at a position: blanks, then a number (".5" is one; "." alone is punctuation), a name, punctuation or the
+# opening quote of a string
+_TOKEN = re.compile(
+    rf"\s*(?:(?P<num>{_NUMBER.pattern})|(?P<name>{_NAME.pattern})|(?P<op>[{re.escape(_PUNCT)}])|(?P<quote>[\"']))"
+)
+
+
 def _tokenize(text: str) -> list[_Token]:
     tokens = []
     pos = 0
-    while pos < len(text):
-        ch = text[pos]
-        if ch.isspace():
-            pos += 1
+    end = len(text)
+    match = _TOKEN.match
+    while True:
+        m = match(text, pos)
+        if m is None:  # blanks, then the end or a character outside the grammar
+            start = len(text) - len(text[pos:].lstrip())
+            if start == end:
+                break
+            raise _error(text, start, f"unexpected character {text[start]!r}")
+        kind = m.lastgroup
+        start = m.start(kind)
+        if kind == "quote":
+            value, pos = _string(text, start)
+            tokens.append(_Token("str", value, start))
             continue
-        number = _NUMBER.match(text, pos)
-        if number is not None and (ch in "0123456789" or (ch == "." and number.end() > pos + 1)):
-            tokens.append(_Token("num", number.group(), pos))
-            pos = number.end()
-            continue
-        name = _NAME.match(text, pos)
-        if name is not None:
-            tokens.append(_Token("name", name.group(), pos))
-            pos = name.end()
-            continue
-        if ch in "\"'":
-            value, end = _string(text, pos)
-            tokens.append(_Token("str", value, pos))
-            pos = end
-            continue
-        if ch in _PUNCT:
-            tokens.append(_Token("op", ch, pos))
-            pos += 1
-            continue
-        raise _error(text, pos, f"unexpected character {ch!r}")
-    tokens.append(_Token("end", "", len(text)))
+        tokens.append(_Token(kind, m.group(kind), start))  # type: ignore[arg-type]
+        pos = m.end()
+    tokens.append(_Token("end", "", end))
     return tokens
 
 
@@ -903,6 +901,7 @@ class _Printer:
             self.names[id(op)] = f"v{k}"
         self.root = root
         self.depth = 0
+        self.deepest = 0  # the deepest nesting of operators written
 
     def program(self) -> str:
         lines = []
@@ -919,6 +918,7 @@ class _Printer:
         if named and id(op) in self.names:
             return self.names[id(op)], _POSTFIX
         self.depth += 1
+        self.deepest = max(self.deepest, self.depth)
         if self.depth > 2 * _MAX_DEPTH:  # the parser would refuse it anyway; stop before Python's recursion limit
             raise ValueError(
                 f"to_expr: the operator is nested more than {2 * _MAX_DEPTH} levels deep (at {op.name}); "
@@ -1015,9 +1015,14 @@ def to_expr(op: LinearOperator) -> str:
     """
     if not isinstance(op, LinearOperator):
         raise TypeError(f"to_expr: expected a LinearOperator, got {type(op).__name__}")
-    text = _Printer(op).program()
-    try:
-        _Parser(text).parse()  # syntax only (nothing is built): is it within the nesting parse reads?
-    except ValueError as err:
-        raise ValueError(f"to_expr: {op.name} has no expression that structmat.parse reads back: {err}") from None
+    printer = _Printer(op)
+    text = printer.program()
+    # Each operator nests its operands at most 2 levels deeper in the text (``-(X)``, ``multilevel(m, n, [X])``), a
+    # leaf's arguments at most 4 (``mlr(..., blocks=[1, [[4, 3], ...]])``), the whole 1: a shallow operator is within
+    # the nesting parse reads. Only a deep one is checked, by parsing its syntax (nothing is built).
+    if 2 * printer.deepest + 5 > _MAX_DEPTH:
+        try:
+            _Parser(text).parse()
+        except ValueError as err:
+            raise ValueError(f"to_expr: {op.name} has no expression that structmat.parse reads back: {err}") from None
     return text
