@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         "count, FLOPs and MACs for a batch, opt_einsum's contraction path and the speedup over dense.",
         epilog="EXPR grammar: names "
         + ", ".join(sorted(REGISTRY))
-        + "; operators + - @ * / and .T; numbers, [lists] and keyword arguments, e.g. "
-        '"dense(64, 8) @ dense(8, 64) + 0.5 * identity(64)".',
+        + '; operators + - @ * / and .T; numbers, "strings", [lists], (tuples), dict(k=v) and keyword arguments; '
+        "NAME = EXPR; names a value used more than once, e.g. "
+        '"dense(64, 8) @ dense(8, 64) + 0.5 * identity(64)" or "w = dense(64, 64); w + w.T".',
     )
     info_parser.add_argument("expr", metavar="EXPR", help="an operator expression, e.g. 'dense(64, 8) @ dense(8, 64)'")
     info_parser.add_argument(

@@ -200,3 +200,14 @@ def test_broken_pipe_into_a_reader_that_closes_early() -> None:
     reader.wait(timeout=60)
     assert err.decode() == ""  # no BrokenPipeError traceback, no "Exception ignored" at exit
     assert writer.returncode == EXIT_BROKEN_PIPE
+
+
+def test_info_shared_operator_and_huge_axis_permutation(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "info", "w = dense(6, 5); w @ w.T + identity(6)", "--json")
+    assert code == 0 and err == ""
+    facts = json.loads(out)
+    assert facts["expr"] == "v1 = dense(6, 5); v1 @ v1.T + identity(6)" and facts["num_params"] == 30
+    code, out, err = run(capsys, "info", "permute_axes([100000, 100000], [1, 0]) @ dense(10000000000, 3)", "--json")
+    assert code == 0 and err == ""
+    facts = json.loads(out)
+    assert facts["shape"] == [10**10, 3] and facts["rank_bound"] == 3 and facts["num_params"] == 3 * 10**10
