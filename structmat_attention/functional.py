@@ -400,9 +400,13 @@ def _scores(feats: list, t_q: int, t_k: int, q_offset: int) -> torch.Tensor:
                 k3 = k.expand(*lead, t_k, k.shape[-1]).reshape(-1, t_k, k.shape[-1])
                 s.view(-1, t_q, t_k).baddbmm_(q3, k3.mT, alpha=c)
             continue
+        tiles = _tiles(lv, t_q, t_k, q_offset, q.device, q.dtype)
+        if s is not None and torch.compiler.is_compiling():  # AOT autograd mis-traces the in-place add onto s
+            s = s + _AddTiles.apply(q.new_zeros(*lead, t_q, t_k), q, k, tiles, c)
+            continue
         if s is None:
             s = q.new_zeros(*lead, t_q, t_k)
-        s = _AddTiles.apply(s, q, k, _tiles(lv, t_q, t_k, q_offset, q.device, q.dtype), c)
+        s = _AddTiles.apply(s, q, k, tiles, c)
     return s
 
 
