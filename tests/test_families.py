@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import opt_einsum as oe
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from reference import reference_dense
 
 import structmat as sm
+from structmat._factors import balanced_factors
 
 F64 = torch.float64
 
@@ -127,6 +129,153 @@ def test_btt2_cost_small_case():
     assert op.cost(1).flops == 4096 == 2 * op.num_params
 
 
+# -- default splits (BTT, TT): never a factor of 1 when a split without one exists --------------------------------
+def brute_force_balanced(n: int, parts: int) -> tuple[int, ...]:
+    """Every ascending split of n into ``parts`` divisors, by brute force; fewest 1s first, then the smallest largest
+    factor, then the smallest second largest, ..."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    splits = [split for split in itertools.combinations_with_replacement(divisors, parts) if math.prod(split) == n]
+    return min(splits, key=lambda split: (split.count(1), split[::-1]))
+
+
+@given(st.integers(1, 2000), st.integers(2, 4))
+def test_balanced_factors_is_the_most_balanced_split(n, parts):
+    assert balanced_factors(n, parts) == brute_force_balanced(n, parts)
+
+
+@pytest.mark.parametrize(
+    "n, parts, expected",
+    [(1024, 2, (32, 32)), (62, 2, (2, 31)), (404, 3, (2, 2, 101)), (36, 3, (3, 3, 4)), (61, 2, (1, 61))],
+)
+def test_balanced_factors_cases(n, parts, expected):
+    # 404 = 2 * 2 * 101: a greedy largest-divisor-below-the-cube-root split gives (1, 4, 101)
+    assert balanced_factors(n, parts) == expected
+
+
+@pytest.mark.parametrize("family", [sm.BTT, sm.TT])
+def test_prime_size_has_no_default_split(family):
+    name = family.__name__
+    with pytest.raises(
+        ValueError, match=rf"{name}\(61, 61, ranks=2\): n=61 has no split into 2 factors > 1 \(it is prime\)"
+    ):
+        family(61, 61, 2)
+    with pytest.raises(
+        ValueError, match=rf"{name}\(61, 64, ranks=2\): m=61 has no split into 2 factors > 1 .*out_factors"
+    ):
+        family(61, 64, 2)
+    with pytest.raises(ValueError, match=r"n=62 has no split into 3 factors > 1 \(it has 2 prime factors\)"):
+        family(27, 62, 2, out_factors=(3, 3, 3))
+    # explicit splits are the user's choice
+    op = family(61, 61, 2, in_factors=(1, 61), out_factors=(1, 61), dtype=F64)
+    assert op.in_factors == (1, 61)
+    check_dense_and_transpose(op)
+
+
+def test_btt_default_split_that_limits_the_rank_warns():
+    # 62 = 2 * 31: cores (2, 31) x (2, 31), the 2-core cut a * c * s = 2 * 2 * 2 = 8 < 62; s = 16 gives 64 >= 62
+    with pytest.warns(
+        UserWarning,
+        match=r"BlockTensorTrain\(62, 62, ranks=2\): the default in_factors=\[2, 31\] and "
+        r"out_factors=\[2, 31\] limit the rank to 8 < min\(m, n\) = 62; for full rank raise ranks to 16 "
+        r"or pass in_factors/out_factors",
+    ) as record:
+        op = sm.BTT(62, 62, 2, dtype=F64)
+    assert record[0].filename == __file__  # the warning points at the caller
+    assert op.rank() == sm.Rank(8, True) and true_rank(op) == 8
+    assert sm.BTT(62, 62, 16, device="meta").rank().bound == 62
+    with pytest.warns(UserWarning, match=r"limit the rank to 60 < min\(m, n\) = 62; for full rank raise ranks to 16"):
+        sm.BTT(62, 62, 15, device="meta")
+    # 128 = 8 * 16: a * c * s = 8 * 8 * 1 = 64 < 128
+    with pytest.warns(
+        UserWarning, match=r"default in_factors=\[8, 16\] and out_factors=\[8, 16\] limit the rank to 64 .* to 2"
+    ):
+        sm.BTT(128, 128, 1, device="meta")
+    # only out_factors defaulted: named alone
+    with pytest.warns(UserWarning, match=r"the default out_factors=\[2, 31\] limit the rank to 16 < min\(m, n\) = 62"):
+        sm.BTT(62, 64, 2, in_factors=(4, 16), device="meta")
+
+
+def test_full_rank_or_explicit_splits_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sm.BTT(62, 62, 2, in_factors=(2, 31), out_factors=(2, 31), device="meta")  # explicit: the user's choice
+        sm.BTT(64, 64, 1, device="meta")  # 8 * 8 * 1 = 64
+        sm.BTT(12, 10, 2, device="meta")
+        sm.TT(62, 62, 1, device="meta")  # a 2-core TT with bond 1 is a Kronecker product: full rank
+
+
+# -- positional ranks, argument types ------------------------------------------------------------------------------
+def test_ranks_are_positional_everywhere():
+    torch.manual_seed(0)
+    assert sm.BTT(12, 10, 2).name == sm.BTT(12, 10, ranks=2).name == "BTT(12, 10, ranks=[2])"
+    assert sm.TT(12, 8, [2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2)).ranks == (2, 3)
+    assert sm.LowRank(7, 5, 2).rank_ == sm.LowRank(7, 5, rank=2).rank_ == 2
+    assert sm.Monarch(8, 12, 2).nblocks == 2
+    assert sm.MLR(8, 4, [2, 1]).ranks == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "make, kind, match",
+    [
+        (
+            lambda: sm.BTT(12, 12, 2, in_factors=8),
+            TypeError,
+            r"BlockTensorTrain\(12, 12, ranks=2\): in_factors must be a sequence of ints \(one per core\), got int 8",
+        ),
+        (
+            lambda: sm.BTT(12, 12, 2, out_factors=4.0),
+            TypeError,
+            r"BlockTensorTrain\(12, 12, ranks=2\): out_factors must be a sequence of ints .*, got float 4.0",
+        ),
+        (
+            lambda: sm.TT(12, 12, 2, in_factors=8),
+            TypeError,
+            r"TensorTrain\(12, 12, ranks=2\): in_factors must be a sequence of ints \(one per core\), got int 8",
+        ),
+        (lambda: sm.BTT(12, 12, 2, in_factors=(3, 4.0)), TypeError, r"in_factors\[1\] must be an int, got float 4.0"),
+        (
+            lambda: sm.BTT(12.0, 12, 2),
+            TypeError,
+            r"BlockTensorTrain\(12.0, 12, ranks=2\): m must be an int, got float 12.0",
+        ),
+        (lambda: sm.TT(12, "12", 2), TypeError, r"TensorTrain\(12, '12', ranks=2\): n must be an int, got str '12'"),
+        (lambda: sm.BTT(12, 12, 2.5), TypeError, r"ranks must be an int or a sequence of ints, got float 2.5"),
+        (lambda: sm.TT(12, 12, 0), ValueError, r"TensorTrain\(12, 12, ranks=0\): ranks must be >= 1, got 0"),
+        (lambda: sm.BTT(12, 0, 2), ValueError, r"BlockTensorTrain\(12, 0, ranks=2\): n must be >= 1, got 0"),
+        (lambda: sm.LowRank(7.0, 5, 2), TypeError, r"LowRank\(7.0, 5, rank=2\): m must be an int, got float 7.0"),
+        (lambda: sm.LowRank(7, 5, 2.0), TypeError, r"LowRank\(7, 5, rank=2.0\): rank must be an int, got float 2.0"),
+        (lambda: sm.LowRank(7, 5, True), TypeError, r"LowRank\(7, 5, rank=True\): rank must be an int, got bool True"),
+        (lambda: sm.LowRank(7, 0, 1), ValueError, r"LowRank\(7, 0, rank=1\): n must be >= 1, got 0"),
+        (lambda: sm.LowRank(7, 5, 6), ValueError, r"LowRank\(7, 5, rank=6\): rank must be <= min\(m, n\) = 5, got 6"),
+        (
+            lambda: sm.Monarch(8, 12, 2.0),
+            TypeError,
+            r"Monarch\(8, 12, nblocks=2.0\): nblocks must be an int, got float 2.0",
+        ),
+    ],
+)
+def test_argument_types_and_values(make, kind, match):
+    with pytest.raises(kind, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        lambda heads: sm.BTT(12, 10, 2, heads=heads),
+        lambda heads: sm.TT(12, 10, 2, heads=heads),
+        lambda heads: sm.LowRank(12, 10, 2, heads=heads),
+        lambda heads: sm.Monarch(12, 10, 2, heads=heads),
+        lambda heads: sm.MLR(12, 10, [2, 1], heads=heads),
+    ],
+)
+def test_heads_type_and_value(family):
+    with pytest.raises(TypeError, match=r"\(12, 10, .*heads must be .*2.5"):
+        family(2.5)
+    with pytest.raises(ValueError, match=r"\(12, 10, .*heads must be .*0"):
+        family(0)
+
+
 # -- BTT with three cores -----------------------------------------------------------------------------------------
 @given(
     st.lists(st.integers(1, 3), min_size=3, max_size=3),
@@ -160,10 +309,11 @@ def test_monarch_facts(nblocks, p, s, batch):
     q = min(p, s)  # R: nblocks blocks (q, p), L: nblocks blocks (s, q)
     assert op.num_params == nblocks * q * p + nblocks * s * q == q * (m + n)
     check_rank(op, min(m, n), True)
-    # applying the block-diagonal factors one after the other costs one multiply-add per weight and row; the path
-    # may do better by multiplying tiny factors first
+    # applying the block-diagonal factors one after the other costs one multiply-add per weight and row (a path
+    # may do better by multiplying tiny factors first); blocks of size 1 meet the size-1 caveat above test_btt2_facts
     assert op.cost(batch).flops <= 2 * batch * op.num_params
-    assert op.cost(batch).flops == opt_einsum_optimal(op.cost(batch))
+    if min(p, s) >= 2:
+        assert op.cost(batch).flops == opt_einsum_optimal(op.cost(batch))
     check_dense_and_transpose(op)
 
 
@@ -604,7 +754,16 @@ ERRORS = [
         ValueError,
         r"level 1 has unequal blocks \[\(4, 3\), \(5, 4\)\]; a stack of heads=2 needs equal blocks",
     ),
-    (lambda: sm.MLR(9, 7, ranks=3), TypeError, r"ranks must be a non-empty list of ints, one per level, got 3"),
+    (
+        lambda: sm.MLR(9, 7, ranks=3),
+        TypeError,
+        r"MLR\(9, 7, ranks=3, blocks=None\): ranks must be a list of ints, one per level, got int 3",
+    ),
+    (
+        lambda: sm.MLR(9, 7, ranks=[]),
+        ValueError,
+        r"MLR\(9, 7, ranks=\[\], blocks=None\): ranks must hold one rank per level",
+    ),
     (lambda: sm.MLR(0, 7, ranks=[1]), ValueError, r"m must be >= 1, got 0"),
     # MultiLevel
     (lambda: sm.MultiLevel(12, 8, []), ValueError, r"MultiLevel\(12, 8\): needs at least one level, got none"),

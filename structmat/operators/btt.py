@@ -15,26 +15,17 @@ from typing import final
 import torch
 
 from .._base import LinearOperator
-from .._factors import check_train
+from .._factors import Spec, check_train, default_splits, spec_rank_bound, warn_default_rank
 from .._family import check_heads, define_network
 from .._network import Network
 from .._nodes import NetNode, Node
 
-__all__ = ["BlockTensorTrain", "BTT", "btt_network"]
+__all__ = ["BlockTensorTrain", "BTT", "btt_network", "btt_spec"]
 
 
-def btt_network(
-    owner: torch.nn.Module,
-    in_factors: tuple[int, ...],
-    out_factors: tuple[int, ...],
-    ranks: tuple[int, ...],
-    *,
-    heads: int | None,
-    dtype: torch.dtype | None,
-    device: torch.device | str | None,
-    where: str,
-) -> Network:
-    """Register the cores ``core0 .. core{N-1}`` on ``owner`` and return the BTT network (see the module doc)."""
+def btt_spec(in_factors: tuple[int, ...], out_factors: tuple[int, ...], ranks: tuple[int, ...]) -> Spec:
+    """The BTT network as ``(factors, sizes, inputs, outputs)`` (see the module doc): core ``k`` is
+    ``core{k}[o_0..o_{k-1}, i_0..i_{N-k-2}, r_k, o_k, i_{N-1-k}, r_{k+1}]``."""
     cores = len(in_factors)
     bonds = (1, *ranks, 1)
     sizes: dict[str, int] = {}
@@ -51,6 +42,22 @@ def btt_network(
         factors.append((f"core{k}", tuple(labels)))
     inputs = tuple(f"i{k}" for k in range(cores))
     outputs = tuple(f"o{k}" for k in range(cores))
+    return factors, sizes, inputs, outputs
+
+
+def btt_network(
+    owner: torch.nn.Module,
+    in_factors: tuple[int, ...],
+    out_factors: tuple[int, ...],
+    ranks: tuple[int, ...],
+    *,
+    heads: int | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    where: str,
+) -> Network:
+    """Register the cores ``core0 .. core{N-1}`` on ``owner`` and return the BTT network (see the module doc)."""
+    factors, sizes, inputs, outputs = btt_spec(in_factors, out_factors, ranks)
     return define_network(
         owner,
         factors,
@@ -60,7 +67,7 @@ def btt_network(
         heads=heads,
         dtype=dtype,
         device=device,
-        exact_rank=cores == 2,
+        exact_rank=len(in_factors) == 2,
         where=where,
     )
 
@@ -72,39 +79,52 @@ class BlockTensorTrain(LinearOperator):
     Args:
         m: rows; split row-major as ``out_factors``.
         n: columns; split row-major as ``in_factors``.
-        ranks: the bond rank between consecutive cores (an int for all, or N-1 ints).
-        in_factors: the input split (default: balanced, two cores unless ``out_factors`` says more).
-        out_factors: the output split (same number of factors as ``in_factors``).
+        ranks: the bond rank between consecutive cores (an int for all, or N-1 ints); positional or keyword.
+        in_factors: the input split, a sequence of ints (default: balanced, two cores unless ``out_factors`` says
+            more; a size with no split into factors > 1, such as a prime, must be split explicitly).
+        out_factors: the output split (same number of factors as ``in_factors``; default balanced likewise).
         heads: a stack of this many independent operators, or None.
         dtype: parameter dtype.
         device: parameter device.
 
     The rank bound is the network's minimal cut; for two cores it is the rank for generic parameters (each of the
     ``a * c`` blocks ``W[(c, :), (a, :)] = L[c, :, a, :] R[a, c, :, :]`` is an independent generic matrix of rank
-    ``min(d, s, b)``).
+    ``min(d, s, b)``), i.e. ``min(m, n, a * c * s)``. When a default split makes the bound smaller than
+    ``min(m, n)`` (e.g. ``BTT(62, 62, ranks=2)``: splits ``(2, 31)``, bound ``2 * 2 * 2 = 8``), a ``UserWarning``
+    names the bond rank that reaches full rank.
+
+    Raises:
+        TypeError: a size, rank or factor that is not an int; a split that is not a sequence.
+        ValueError: a value below 1, splits that do not multiply to the size or differ in length, fewer than two
+            cores, the wrong number of ranks, or a default split that needs a factor of 1.
 
     Example:
         >>> import structmat as sm
-        >>> A = sm.BTT(64, 64, ranks=2)  # cores (8, 8) x (8, 8), bond 2
-        >>> A.num_params, A.rank(), A.cost().flops  # 2 * (8*8*2*8*8) = 2 * 2 * 8**4 / 8 * 8 ...
-        (2048, Rank(bound=64, exact=True), 4096)
+        >>> A = sm.BTT(64, 64, 2)  # input (a, b) = (8, 8), output (c, d) = (8, 8), bond s = 2
+        >>> A.num_params  # core0 R[a, c, b, s]: 8*8*8*2 = 1024, core1 L[c, s, d, a]: 8*2*8*8 = 1024
+        2048
+        >>> A.rank(), A.cost().flops  # min(64, 64, a*c*s = 128); one multiply-add per core entry at batch 1
+        (Rank(bound=64, exact=True), 4096)
     """
 
     def __init__(
         self,
         m: int,
         n: int,
-        *,
         ranks: int | Sequence[int],
+        *,
         in_factors: Sequence[int] | None = None,
         out_factors: Sequence[int] | None = None,
         heads: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        where = f"BlockTensorTrain({m}, {n}, ranks={ranks!r})"
+        where = f"BlockTensorTrain({m!r}, {n!r}, ranks={ranks!r})"
         m, n, self_in, self_out, bonds = check_train(where, m, n, ranks, in_factors, out_factors)
-        super().__init__((m, n), check_heads(where, heads))
+        heads = check_heads(where, heads)
+        defaults = default_splits(self_in, self_out, in_factors, out_factors)
+        warn_default_rank(where, (m, n), defaults, bonds, lambda r: spec_rank_bound(btt_spec(self_in, self_out, r)))
+        super().__init__((m, n), heads)
         self.in_factors, self.out_factors, self.ranks = self_in, self_out, bonds
         self._network = btt_network(
             self, self_in, self_out, bonds, heads=heads, dtype=dtype, device=device, where=where

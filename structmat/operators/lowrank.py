@@ -21,7 +21,7 @@ class LowRank(LinearOperator):
     Args:
         m: rows.
         n: columns.
-        rank: the inner dimension r, ``1 <= r <= min(m, n)``.
+        rank: the inner dimension r, ``1 <= r <= min(m, n)``; positional or keyword.
         heads: a stack of this many independent operators (parameters ``(H, m, r)``, ``(H, r, n)``), or None.
         dtype: parameter dtype.
         device: parameter device (``"meta"`` for shape-only queries).
@@ -48,11 +48,15 @@ class LowRank(LinearOperator):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__((m, n), check_heads("LowRank", heads))
-        where = f"LowRank({m}, {n}, rank={rank})"
-        self.rank_ = check_int(where, "rank", rank)
+        where = f"LowRank({m!r}, {n!r}, rank={rank!r})"
+        m = check_int(where, "m", m)
+        n = check_int(where, "n", n)
+        rank = check_int(where, "rank", rank)
         if rank > min(m, n):
             raise ValueError(f"{where}: rank must be <= min(m, n) = {min(m, n)}, got {rank}")
+        heads = check_heads(where, heads)
+        super().__init__((m, n), heads)
+        self.rank_ = rank
         self._network = define_network(
             self,
             [("U", ("o", "r")), ("V", ("r", "i"))],

@@ -79,8 +79,12 @@ class MultiLevelLowRank(LinearOperator):
         m = check_int(where, "m", m)
         n = check_int(where, "n", n)
         heads = check_heads(where, heads)
-        if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or not ranks:
-            raise TypeError(f"{where}: ranks must be a non-empty list of ints, one per level, got {ranks!r}")
+        if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
+            raise TypeError(
+                f"{where}: ranks must be a list of ints, one per level, got {type(ranks).__name__} {ranks!r}"
+            )
+        if not ranks:
+            raise ValueError(f"{where}: ranks must hold one rank per level, at least one, got {ranks!r}")
         ranks_ = tuple(check_int(where, f"ranks[{k}]", r) for k, r in enumerate(ranks))
         if blocks is None:
             blocks = [2**k for k in range(len(ranks_))]
