@@ -4,12 +4,13 @@ Every path is scored by opt_einsum's ``opt_cost``: a step that joins ``k`` opera
 costs ``prod(sizes of U) * (max(1, k - 1) + [some label of U is summed away])``, and a path costs the sum of its
 steps. :func:`best_path` returns the cheapest of these candidates:
 
-- the **optimum** over every pairwise contraction tree, outer products included, for networks of at most
+- the **optimum** over every pairwise contraction tree, outer products included (and an operand's own labels, those
+  no other operand nor the output has, summed in a step of its own or not), for networks of at most
   :data:`EXACT_OPERANDS` operands (a dynamic program over subsets, ``3^n / 2`` steps);
 - beyond that, the optimum over trees without outer products inside a connected part of the network (a dynamic
-  program over connected sets, as opt_einsum's ``dp``), the parts then joined optimally; it gives up after
-  :data:`SEARCH_STEPS` steps (a Kronecker product of many parts, whose factors meet only at the input, would take
-  minutes), keeping the other candidates;
+  program over connected sets under growing cost caps, as opt_einsum's ``dp``), the parts then joined optimally; it
+  gives up after :data:`SEARCH_STEPS` units of work (a Kronecker product of many parts, whose factors meet only at
+  the input, would take minutes), keeping the other candidates;
 - opt_einsum's ``greedy`` path;
 - the **chain** path of a fused product (``parts``): the input contracted with the last network's factors along that
   network's own best path, then with the next network's, and so on. It is a path of the fused network and costs what
@@ -30,7 +31,7 @@ import opt_einsum as oe
 __all__ = ["best_path", "path_cost", "EXACT_OPERANDS", "SEARCH_STEPS"]
 
 EXACT_OPERANDS = 10  # every tree, outer products too: 3^10 / 2 ~ 30k steps, ~40 ms in the worst case
-SEARCH_STEPS = 40_000  # steps of the connected search before it gives up (~40 ms)
+SEARCH_STEPS = 120_000  # work units of the connected search before it gives up (~40 ms on one core)
 
 _STEP_WORK = 8  # a step evaluated costs about as much as 8 pairs looked at and skipped
 Tree = Any  # an operand index k; (k,): operand k with its own labels summed first; or a pair of trees
@@ -237,6 +238,18 @@ def _connected(pb: _Problem, leaves: list[Leaf], cap: int, budget: list[int]) ->
     return table.get((1 << len(leaves)) - 1)
 
 
+def _deepening(pb: _Problem, leaves: list[Leaf], cap: int, budget: list[int]) -> Leaf | None:
+    """:func:`_connected` under caps growing 8-fold from the output's size up to ``cap``: a tight cap prunes most
+    sets, and the first cap under which a tree exists gives the cheapest (as opt_einsum's ``dp`` does)."""
+    limit = 8 * max(pb.size(pb.legs(sum(leaf[0] for leaf in leaves))), 1)
+    while limit < cap:
+        found = _connected(pb, leaves, limit, budget)
+        if found is not None:
+            return found
+        limit *= 8
+    return _connected(pb, leaves, cap, budget)
+
+
 def _components(pb: _Problem, leaves: list[Leaf]) -> list[list[Leaf]]:
     """``leaves`` grouped by the summed labels they share (transitively)."""
     free = ~pb.keep
@@ -282,7 +295,7 @@ def _search(pb: _Problem, leaves: list[Leaf], cap: int, budget: list[int]) -> Le
             elif len(group) <= EXACT_OPERANDS:
                 part = _exact(pb, group, cap)
             else:
-                part = _connected(pb, group, cap, budget)
+                part = _deepening(pb, group, cap, budget)
             if part is None:
                 return None
             parts.append(part)
