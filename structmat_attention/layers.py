@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,8 +84,10 @@ class LevelSpec:
             raise TypeError(
                 f"LevelSpec: make must be a callable (d_model, n_heads, dtype=, device=), got {self.make!r}"
             )
-        _check_optional_int("LevelSpec", "block_size", self.block_size)
-        _check_optional_int("LevelSpec", "window", self.window)
+        object.__setattr__(self, "block_size", _check_optional_int("LevelSpec", "block_size", self.block_size))
+        object.__setattr__(self, "window", _check_optional_int("LevelSpec", "window", self.window))
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real):
+            raise TypeError(f"LevelSpec: scale must be a real number, got {type(self.scale).__name__} {self.scale!r}")
         if self.block_size is not None and self.window is not None:
             raise ValueError(f"LevelSpec: give block_size={self.block_size} or window={self.window}, not both")
 
@@ -339,14 +342,17 @@ class StructuredAttention(torch.nn.Module):
         self._where = where
         if value is None:
             value = sm.Dense(self.d_value, d_model, heads=n_heads, dtype=dtype, device=device)
+        if output is None:
+            output = sm.Dense(d_model, n_heads * self.d_value, dtype=dtype, device=device)
+        for what, op in (("value", value), ("output", output)):
+            if not isinstance(op, sm.LinearOperator):
+                raise TypeError(f"{where}: {what} must be a structmat LinearOperator or None, got {type(op).__name__}")
         if not isinstance(value, sm.LinearOperator) or value.heads != n_heads or value.shape != (self.d_value, d_model):
             got = value.name if isinstance(value, sm.LinearOperator) else type(value).__name__
             raise ValueError(
                 f"{where}: value must be a stack of n_heads={n_heads} operators of shape ({self.d_value}, {d_model}), "
                 f"got {got}"
             )
-        if output is None:
-            output = sm.Dense(d_model, n_heads * self.d_value, dtype=dtype, device=device)
         if (
             not isinstance(output, sm.LinearOperator)
             or output.heads is not None
@@ -569,6 +575,14 @@ def standard_attention(d_model: int, n_heads: int, *, d_head: int | None = None,
     return StructuredAttention(d_model, n_heads, [LevelSpec(_lowrank(d_head))], **options)
 
 
+def _btt_rank(d: int, bond: int, shape: dict[str, Any]) -> int:
+    """The rank bound of a BTT(d, d) with this bond, from shapes on the meta device (its rank warning silenced: this
+    is the probe that finds the full-rank bond)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return sm.BTT(d, d, ranks=bond, device="meta", **shape).rank().bound
+
+
 def bilinear_btt_attention(
     d_model: int,
     n_heads: int,
@@ -608,7 +622,7 @@ def bilinear_btt_attention(
         bond = ranks
         if bond is None:  # the smallest full-rank bond, found from shapes on the meta device
             bond = 1
-            while sm.BTT(d, d, ranks=bond, device="meta", **shape).rank().bound < d:
+            while _btt_rank(d, bond, shape) < d:
                 bond += 1
         return sm.BTT(d, d, ranks=bond, heads=h, **shape, **kw)
 

@@ -8,13 +8,16 @@ other arguments with :func:`functools.partial`).
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import final
 
 import torch
 
-from .layers import KVCache, _check_int
+from structmat._factors import check_int
+
+from .layers import KVCache
 
 __all__ = ["TransformerBlock", "GPT"]
 
@@ -40,10 +43,13 @@ class TransformerBlock(torch.nn.Module):
 
     def __init__(self, d_model: int, attention: torch.nn.Module, mlp_ratio: int = 4) -> None:
         super().__init__()
-        d_model = _check_int("TransformerBlock", "d_model", d_model)
-        hidden = _check_int("TransformerBlock", "mlp_ratio", mlp_ratio) * d_model
+        d_model = check_int("TransformerBlock", "d_model", d_model)
+        hidden = check_int("TransformerBlock", "mlp_ratio", mlp_ratio) * d_model
         if not isinstance(attention, torch.nn.Module):
             raise TypeError(f"TransformerBlock: attention must be an nn.Module, got {type(attention).__name__}")
+        width = getattr(attention, "d_model", d_model)
+        if width != d_model:
+            raise ValueError(f"TransformerBlock: d_model={d_model} but the attention layer has d_model={width}")
         self.ln_attn = torch.nn.LayerNorm(d_model)
         self.attn = attention
         self.ln_mlp = torch.nn.LayerNorm(d_model)
@@ -100,19 +106,27 @@ class GPT(torch.nn.Module):
     ) -> None:
         super().__init__()
         where = "GPT"
-        self.vocab_size = _check_int(where, "vocab_size", vocab_size)
-        self.d_model = _check_int(where, "d_model", d_model)
-        self.n_heads = _check_int(where, "n_heads", n_heads)
-        self.n_layers = _check_int(where, "n_layers", n_layers)
-        self.max_seq_len = _check_int(where, "max_seq_len", max_seq_len)
+        self.vocab_size = check_int(where, "vocab_size", vocab_size)
+        self.d_model = check_int(where, "d_model", d_model)
+        self.n_heads = check_int(where, "n_heads", n_heads)
+        self.n_layers = check_int(where, "n_layers", n_layers)
+        self.max_seq_len = check_int(where, "max_seq_len", max_seq_len)
+        if isinstance(attention, torch.nn.Module):
+            raise TypeError(
+                f"{where}: attention must be a factory (d_model, n_heads) -> module such as standard_attention, got "
+                f"the module {type(attention).__name__}; every block builds its own layer (bind other arguments with "
+                f"functools.partial)"
+            )
         if not callable(attention):
             raise TypeError(f"{where}: attention must be a callable (d_model, n_heads) -> module, got {attention!r}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"{where}: dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.tok_emb = torch.nn.Embedding(vocab_size, d_model)
         self.pos_emb = torch.nn.Embedding(max_seq_len, d_model)
         torch.nn.init.normal_(self.tok_emb.weight, std=0.02)
         torch.nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.blocks = torch.nn.ModuleList(
-            TransformerBlock(d_model, attention(d_model, n_heads), mlp_ratio) for _ in range(n_layers)
+            TransformerBlock(d_model, _build_attention(attention, d_model, n_heads), mlp_ratio) for _ in range(n_layers)
         )
         self.ln_f = torch.nn.LayerNorm(d_model)
         self.head = torch.nn.Linear(d_model, vocab_size, bias=False)
@@ -134,11 +148,19 @@ class GPT(torch.nn.Module):
             ``(..., T, vocab_size)``.
         """
         where = "GPT"
-        if not isinstance(tokens, torch.Tensor) or tokens.ndim < 1 or tokens.is_floating_point():
-            got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise TypeError(f"{where}: tokens must be an integer tensor of shape (..., T), got {got}")
-        if cache is not None and (len(cache) != len(self.blocks) or not all(isinstance(c, KVCache) for c in cache)):
-            raise ValueError(f"{where}: cache must be a list of {len(self.blocks)} KVCache (one per block)")
+        tokens = self._check_tokens(tokens, where)
+        if cache is not None and (
+            isinstance(cache, KVCache)
+            or not isinstance(cache, Sequence)
+            or not all(isinstance(c, KVCache) for c in cache)
+        ):
+            raise TypeError(
+                f"{where}: cache must be a list of {len(self.blocks)} KVCache (one per block), got {cache!r}"
+            )
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(
+                f"{where}: cache must be a list of {len(self.blocks)} KVCache (one per block), got {len(cache)}"
+            )
         past = len(cache[0]) if cache is not None else 0
         t = tokens.shape[-1]
         if past + t > self.max_seq_len:
@@ -151,6 +173,23 @@ class GPT(torch.nn.Module):
         for k, block in enumerate(self.blocks):
             x = block(x, cache=None if cache is None else cache[k])
         return self.head(self.ln_f(x))
+
+    def _check_tokens(self, tokens: object, where: str) -> torch.Tensor:
+        """Integer token ids of shape ``(..., T)``, each in ``0 .. vocab_size - 1``."""
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"{where}: tokens must be an integer tensor of shape (..., T), got {type(tokens).__name__}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(
+                f"{where}: tokens must be an integer tensor of shape (..., T), got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        if tokens.ndim < 1:
+            raise ValueError(f"{where}: tokens must have shape (..., T), got a 0-d tensor")
+        if tokens.numel():
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"{where}: token id {bad} is outside the vocabulary 0 .. {self.vocab_size - 1}")
+        return tokens if tokens.dtype in (torch.int32, torch.int64) else tokens.long()
 
     @torch.no_grad()
     def generate(
@@ -169,18 +208,38 @@ class GPT(torch.nn.Module):
         With ``use_cache`` the prompt fills the KV caches once and each step feeds one token; without, each step
         runs the whole sequence again (same result, for checking).
 
+        Args:
+            tokens: the prompt, integer ids ``(B, T)`` with ``T >= 1``.
+            max_new_tokens: tokens to add (an int >= 0).
+            temperature: divides the logits before sampling (finite, > 0).
+            top_k: sample among the ``top_k`` most likely tokens only (an int >= 1; None: all).
+            greedy: take the most likely token instead of sampling.
+            use_cache: decode through KV caches (the attention layers must be causal).
+            generator: the random generator for sampling.
+
         Returns:
             ``(B, T + max_new_tokens)``.
         """
         where = "GPT.generate"
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
-            raise ValueError(f"{where}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        tokens = self._check_tokens(tokens, where)
+        if tokens.shape[-1] == 0:
+            raise ValueError(f"{where}: the prompt is empty (tokens of shape {tuple(tokens.shape)}); give at least one")
+        max_new_tokens = check_int(where, "max_new_tokens", max_new_tokens, 0)
         if tokens.shape[-1] + max_new_tokens > self.max_seq_len:
             raise ValueError(
                 f"{where}: {tokens.shape[-1]} + {max_new_tokens} tokens exceed max_seq_len={self.max_seq_len}"
             )
-        if not greedy and not temperature > 0:
-            raise ValueError(f"{where}: temperature must be > 0 (or use greedy=True), got {temperature!r}")
+        for name, flag in (("greedy", greedy), ("use_cache", use_cache)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{where}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"{where}: temperature must be a number, got {type(temperature).__name__} {temperature!r}")
+        if not greedy and not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"{where}: temperature must be finite and > 0 (or use greedy=True), got {temperature!r}")
+        if top_k is not None:
+            top_k = check_int(where, "top_k", top_k)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"{where}: generator must be a torch.Generator or None, got {type(generator).__name__}")
         cache = self.new_cache() if use_cache else None
         out = tokens
         step = tokens
@@ -199,3 +258,13 @@ class GPT(torch.nn.Module):
             out = torch.cat([out, nxt], dim=-1)
             step = nxt
         return out
+
+
+def _build_attention(factory: AttentionFactory, d_model: int, n_heads: int) -> torch.nn.Module:
+    """``factory(d_model, n_heads)``, checked to be a module."""
+    layer = factory(d_model, n_heads)
+    if not isinstance(layer, torch.nn.Module):
+        raise TypeError(
+            f"GPT: attention(d_model={d_model}, n_heads={n_heads}) must return an nn.Module, got {type(layer).__name__}"
+        )
+    return layer

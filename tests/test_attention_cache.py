@@ -14,6 +14,7 @@ from structmat_attention import (
     KVCache,
     LevelSpec,
     StructuredAttention,
+    TransformerBlock,
     gswa_attention,
     mlr_attention,
     sliding_window_attention,
@@ -157,13 +158,13 @@ def test_model_errors():
     gpt(torch.zeros(1, 6, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match=r"sequence of 9 tokens \(6 cached \+ 3 new\)"):
         gpt(torch.zeros(1, 3, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match=r"cache must be a list of 2 KVCache \(one per block\)"):
+    with pytest.raises(ValueError, match=r"cache must be a list of 2 KVCache \(one per block\), got 1"):
         gpt(torch.zeros(1, 1, dtype=torch.long), cache=cache[:1])
     with pytest.raises(TypeError, match=r"tokens must be an integer tensor of shape \(\.\.\., T\), got torch.float32"):
         gpt(torch.zeros(1, 3))
     with pytest.raises(ValueError, match=r"5 \+ 4 tokens exceed max_seq_len=8"):
         gpt.generate(torch.zeros(1, 5, dtype=torch.long), 4)
-    with pytest.raises(ValueError, match=r"temperature must be > 0"):
+    with pytest.raises(ValueError, match=r"temperature must be finite and > 0 \(or use greedy=True\), got 0.0"):
         gpt.generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=0.0)
     with pytest.raises(ValueError, match=r"n_heads=5 must divide d_model=12"):
         GPT(13, D, 5, 1, max_seq_len=8, attention=standard_attention)
@@ -278,3 +279,53 @@ def test_model_generates_many_tokens_with_a_window_sized_cache():
     cache = gpt.new_cache()
     gpt(cached[:, :44], cache=cache)
     assert all((len(c), c.stored) == (44, 2) for c in cache)
+
+
+def test_model_argument_errors():
+    gpt = model("standard", max_seq_len=8)
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    msg = r"GPT: attention must be a factory \(d_model, n_heads\) -> module .* got the module StructuredAttention"
+    with pytest.raises(TypeError, match=msg):
+        GPT(13, D, H, 1, max_seq_len=8, attention=standard_attention(D, H))
+    with pytest.raises(TypeError, match=r"GPT: attention\(d_model=12, n_heads=3\) must return an nn.Module, got int"):
+        GPT(13, D, H, 1, max_seq_len=8, attention=lambda d, h: 3)
+    with pytest.raises(TypeError, match=r"GPT: dtype must be a floating-point torch.dtype, got torch.int64"):
+        GPT(13, D, H, 1, max_seq_len=8, attention=standard_attention, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"GPT: vocab_size must be an int, got float 13.0"):
+        GPT(13.0, D, H, 1, max_seq_len=8, attention=standard_attention)
+    with pytest.raises(ValueError, match=r"TransformerBlock: d_model=8 but the attention layer has d_model=12"):
+        TransformerBlock(8, standard_attention(D, H))
+    for k in (0, -1):
+        with pytest.raises(ValueError, match=rf"GPT.generate: top_k must be >= 1, got {k}"):
+            gpt.generate(prompt, 2, top_k=k)
+    with pytest.raises(TypeError, match=r"GPT.generate: top_k must be an int, got float 2.5"):
+        gpt.generate(prompt, 2, top_k=2.5)
+    with pytest.raises(ValueError, match=r"GPT.generate: the prompt is empty \(tokens of shape \(2, 0\)\)"):
+        gpt.generate(torch.zeros(2, 0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"GPT.generate: token id 13 is outside the vocabulary 0 \.\. 12"):
+        gpt.generate(torch.tensor([[1, 13]]), 2)
+    with pytest.raises(ValueError, match=r"GPT: token id -1 is outside the vocabulary 0 \.\. 12"):
+        gpt(torch.tensor([[-1, 2]]))
+    with pytest.raises(
+        TypeError, match=r"GPT: tokens must be an integer tensor of shape \(\.\.\., T\), got torch.bool"
+    ):
+        gpt(torch.zeros(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"GPT: tokens must have shape \(\.\.\., T\), got a 0-d tensor"):
+        gpt(torch.tensor(3))
+    with pytest.raises(TypeError, match=r"GPT.generate: tokens must be an integer tensor .* got list"):
+        gpt.generate([[1, 2]], 2)
+    with pytest.raises(TypeError, match=r"GPT.generate: max_new_tokens must be an int, got float 1.0"):
+        gpt.generate(prompt, 1.0)
+    with pytest.raises(ValueError, match=r"GPT.generate: max_new_tokens must be >= 0, got -1"):
+        gpt.generate(prompt, -1)
+    with pytest.raises(TypeError, match=r"GPT.generate: temperature must be a number, got str 'hot'"):
+        gpt.generate(prompt, 1, temperature="hot")
+    with pytest.raises(ValueError, match=r"GPT.generate: temperature must be finite and > 0 .* got nan"):
+        gpt.generate(prompt, 1, temperature=float("nan"))
+    with pytest.raises(TypeError, match=r"GPT.generate: generator must be a torch.Generator or None, got int"):
+        gpt.generate(prompt, 1, generator=3)
+    with pytest.raises(TypeError, match=r"GPT.generate: greedy must be a bool, got str 'yes'"):
+        gpt.generate(prompt, 1, greedy="yes")
+    with pytest.raises(TypeError, match=r"GPT: cache must be a list of 2 KVCache \(one per block\), got KVCache"):
+        gpt(prompt, cache=KVCache())
+    assert gpt.generate(torch.tensor([[1, 12]], dtype=torch.int32), 2, top_k=30).shape == (1, 4)  # top_k > vocab: all

@@ -10,6 +10,7 @@ import torch
 
 import structmat as sm
 from structmat_attention import (
+    KVCache,
     Level,
     LevelSpec,
     StructuredAttention,
@@ -29,7 +30,11 @@ def _custom(**kw):
     """Full-rank BTT locally (blocks of 3, c = 0.7) plus low-rank globally: a variant the paper does not name."""
     specs = [
         LevelSpec(lambda d, h, **k: sm.LowRank(d, d, rank=2, heads=h, **k)),
-        LevelSpec(lambda d, h, **k: sm.BTT(d, d, ranks=1, heads=h, **k), block_size=3, scale=0.7),
+        LevelSpec(
+            lambda d, h, **k: sm.BTT(d, d, ranks=1, heads=h, in_factors=[3, 4], out_factors=[3, 4], **k),
+            block_size=3,
+            scale=0.7,
+        ),
     ]
     return StructuredAttention(D, H, specs, **kw)
 
@@ -147,7 +152,9 @@ def test_causal_does_not_leak(name):
 def test_bilinear_btt_is_full_rank_by_default():
     assert make("bilinear_btt").levels[0].op.ranks == (2,)  # bond 1 would leave rank 3 * 3 * 1 = 9 < 12
     assert bilinear_btt_attention(16, 2).levels[0].op.ranks == (1,)  # (4, 4) x (4, 4): 4 * 4 * 1 = 16
-    narrow = bilinear_btt_attention(D, H, ranks=1, dtype=F64)  # rank 9: splits at the cut, 9 features per side
+    narrow = bilinear_btt_attention(
+        D, H, ranks=1, in_factors=[3, 4], out_factors=[3, 4], dtype=F64
+    )  # rank 9: splits at the cut, 9 features per side
     assert narrow.cost(1)["scores[0]"].macs == H * 9
     x = torch.randn(5, D, dtype=F64)
     torch.testing.assert_close(narrow(x), reference_layer(narrow, x, 9))
@@ -335,3 +342,40 @@ def test_a_global_level_joins_every_pair_whatever_unjoined_says():
         assert not layer.masks_unjoined
     assert sliding_window_attention(D, H, window=2).masks_unjoined
     assert "masks_unjoined=True" in repr(sliding_window_attention(D, H, window=2))
+
+
+def test_argument_types_and_ranges():
+    spec = [LevelSpec(_rank2)]
+    where = r"StructuredAttention\(d_model=8, n_heads=2\)"
+    with pytest.raises(TypeError, match=rf"{where}: causal must be a bool, got str 'no'"):
+        StructuredAttention(8, 2, spec, causal="no")
+    with pytest.raises(TypeError, match=rf"{where}: qk_norm must be a bool, got int 1"):
+        StructuredAttention(8, 2, spec, qk_norm=1)
+    with pytest.raises(TypeError, match=rf"{where}: key_block must be None or an int >= 1, got float 2.0"):
+        StructuredAttention(8, 2, spec, key_block=2.0)
+    with pytest.raises(TypeError, match=rf"{where}: value must be a structmat LinearOperator or None, got int"):
+        StructuredAttention(8, 2, spec, value=3)
+    with pytest.raises(TypeError, match=rf"{where}: d_value must be an int, got str '4'"):
+        StructuredAttention(8, 2, spec, d_value="4")
+    with pytest.raises(TypeError, match=r"LevelSpec: block_size must be None or an int >= 1, got str '3'"):
+        LevelSpec(_rank2, block_size="3")
+    with pytest.raises(TypeError, match=r"LevelSpec: scale must be a real number, got str 'x'"):
+        LevelSpec(_rank2, scale="x")
+    with pytest.raises(
+        TypeError, match=r"mlr_attention\(d_model=8, n_heads=2\): ranks\[0\] must be an int >= 1, got float"
+    ):
+        mlr_attention(8, 2, ranks=[1.5], block_sizes=[None])
+    with pytest.raises(TypeError, match=r"block_sizes\[0\] must be None or an int >= 1, got str '4'"):
+        mlr_attention(8, 2, ranks=[1], block_sizes=["4"])
+    with pytest.raises(TypeError, match=r"sliding_window_attention.*: window must be an int, got float 2.0"):
+        sliding_window_attention(8, 2, window=2.0)
+    layer = StructuredAttention(8, 2, spec)
+    msg = r"StructuredAttention: mask must be broadcastable to \(\.\.\., 2, T=3, T_k=3\) .* got \(4, 4\)"
+    with pytest.raises(ValueError, match=msg):
+        layer(torch.randn(3, 8), mask=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"StructuredAttention: mask must be boolean .* got torch.int64"):
+        layer(torch.randn(3, 8), mask=torch.ones(3, 3, dtype=torch.long))
+    cache = KVCache()
+    layer(torch.randn(3, 8), cache=cache)
+    with pytest.raises(ValueError, match=r"T=1, T_k=4\) \(T_k counts cached tokens too\), got \(1, 1, 3\)"):
+        layer(torch.randn(1, 8), mask=torch.ones(1, 1, 3, dtype=torch.bool), cache=cache)
