@@ -8,7 +8,9 @@ A :class:`StructuredAttention` layer with ``H`` heads and levels ``l = 0 .. L-1`
 ``v_h(j) = W_V[h] x_j`` and the output projection ``W_O`` of shape ``(D, H · d_v)`` applied to the concatenated heads.
 
 A level joins every pair (global), the pairs in the same block of ``T_l`` tokens, or the pairs with ``|i - j| < w``
-(a window). Each ``W_l`` is applied through its cheapest split ``W_l = L_l^T R_l`` (:func:`structmat.bilinear_split`);
+(a window). When no level is global, a pair that no level joins is masked out (its query gives that key no
+attention), unless the layer is built with ``unjoined="zero"`` (score 0, still weighted by the softmax).
+Each ``W_l`` is applied through its cheapest split ``W_l = L_l^T R_l`` (:func:`structmat.bilinear_split`);
 the query features ``L_l x_i`` and key features ``R_l x_j`` are what a :class:`KVCache` keeps.
 
 The paper's set (Kuang et al., ICML 2025) are constructors: :func:`standard_attention`,
@@ -677,7 +679,9 @@ def mlr_attention(
     ``s_h(i, j) = c · Σ_l [⌊i/T_l⌋ = ⌊j/T_l⌋] · x_i^T U_{l,h} V_{l,h} x_j`` with ``U_{l,h} V_{l,h}`` of rank
     ``r_l = ranks[l]``: the head's query/key channels are split across the levels (typically ``Σ_l r_l = d_head``),
     so ``scale='sqrt'`` gives ``c = 1/sqrt(Σ_l r_l)`` and one level equals standard attention. The scores cost
-    ``Σ_l r_l · T_l`` per query and head. Blocks that don't divide ``T`` end in a partial block.
+    ``Σ_l r_l · T_l`` per query and head. Blocks that don't divide ``T`` end in a partial block. Without a global
+    level (every block size given), tokens in no common block do not attend to each other at all (``unjoined``
+    default; ``unjoined="zero"`` gives them score 0 instead).
 
     Args:
         d_model: token width.

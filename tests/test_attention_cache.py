@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_attention_layers import VARIANTS, D, H, make
 
 import structmat as sm
@@ -329,3 +332,33 @@ def test_model_argument_errors():
     with pytest.raises(TypeError, match=r"GPT: cache must be a list of 2 KVCache \(one per block\), got KVCache"):
         gpt(prompt, cache=KVCache())
     assert gpt.generate(torch.tensor([[1, 12]], dtype=torch.int32), 2, top_k=30).shape == (1, 4)  # top_k > vocab: all
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    levels=st.lists(
+        st.one_of(st.tuples(st.integers(1, 5), st.none()), st.tuples(st.none(), st.integers(1, 5))),
+        min_size=1,
+        max_size=3,
+    ),
+    chunks=st.lists(st.integers(1, 4), min_size=1, max_size=8),
+)
+def test_property_dropping_cache_equals_full_forward(levels, chunks):
+    """Any blocks and windows (no global level), any chunking: decoding equals the full forward, and between calls the
+    cache holds no more than the widest reach back (w - 1 for a window, b - 1 for a block) plus the rounding down to a
+    multiple of every block size."""
+    specs = [LevelSpec(_rank1, block_size=b, window=w) for b, w in levels]
+    torch.manual_seed(0)
+    layer = StructuredAttention(4, 2, specs, dtype=F64)
+    x = torch.randn(1, sum(chunks), 4, dtype=F64)
+    out, seen = stored_lengths(layer, x, chunks)
+    torch.testing.assert_close(out, layer(x))
+    step = math.lcm(*(b for b, _ in levels if b is not None))
+    reach = max((b if b is not None else w) - 1 for b, w in levels)  # a block's last query sees b - 1 before it
+    for p, held, keys, values in seen:
+        assert keys == [held] * len(levels) and values == held
+        assert held <= min(p, reach + step - 1)
+
+
+def _rank1(d, h, **k):
+    return sm.LowRank(d, d, rank=1, heads=h, **k)
