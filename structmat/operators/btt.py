@@ -4,7 +4,8 @@ With the input split ``n = i_1 ... i_N`` and the output ``m = o_1 ... o_N`` (row
 reads the input mode ``i_{N+1-k}`` and the bond ``r_{k-1}``, writes the output mode ``o_k`` and the bond ``r_k``, and
 is a separate block for every value of the modes not yet read (``i_1 .. i_{N-k}``) and already written
 (``o_1 .. o_{k-1}``). For two cores with bond ``s`` this is the paper's BTT, ``R[a,c,s,b] L[c,d,a,s]`` with input
-``(a, b)`` and output ``(c, d)``; with ``s = 1`` it is Monarch.
+``(a, b)`` and output ``(c, d)``. (A Monarch matrix whose block size is a multiple of its number of blocks is such a
+BTT with its two output modes swapped; see :mod:`structmat.operators.monarch`.)
 """
 
 from __future__ import annotations
