@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import warnings
 from collections.abc import Iterable, Sequence
@@ -308,7 +309,7 @@ class LinearOperator(torch.nn.Module):
         if isinstance(other, LinearOperator):
             from .combinators import Product
 
-            return Product(self, other)
+            return Product(*_factors(self), other)  # a @ b @ c is one flat Product
         if isinstance(other, torch.Tensor):
             if other.ndim == 1:
                 return self(other)
@@ -336,7 +337,7 @@ class LinearOperator(torch.nn.Module):
         if isinstance(other, LinearOperator):
             from .combinators import Sum
 
-            return Sum(self, other)
+            return Sum(*_terms(self), other)  # a + b + c is one flat Sum: long chains nest no modules
         if isinstance(other, torch.Tensor):
             from .combinators import tensor_operand_error
 
@@ -356,7 +357,7 @@ class LinearOperator(torch.nn.Module):
         if isinstance(other, LinearOperator):
             from .combinators import Scaled, Sum
 
-            return Sum(self, Scaled(other, -1.0))
+            return Sum(*_terms(self), Scaled(other, -1.0))
         if isinstance(other, torch.Tensor):
             from .combinators import tensor_operand_error
 
@@ -367,6 +368,8 @@ class LinearOperator(torch.nn.Module):
         from .combinators import Scaled
 
         if isinstance(c, numbers.Real) and not isinstance(c, bool):
+            if type(self) is Scaled:  # c * (s * A) is (c s) * A: repeated scaling nests no modules
+                return Scaled(self.op, _scale_product(self, self.scale, float(c)))
             return Scaled(self, float(c))
         if isinstance(c, torch.Tensor) or isinstance(c, LinearOperator):
             raise TypeError(
@@ -460,6 +463,33 @@ class LinearOperator(torch.nn.Module):
 
     def __repr__(self) -> str:
         return "\n".join([self._summary(), *self._tree()])
+
+
+def _terms(op: LinearOperator) -> tuple[LinearOperator, ...]:
+    """The terms of a Sum built by ``+`` (flattened), or the operator alone."""
+    from .combinators import Sum
+
+    return tuple(op.terms) if type(op) is Sum else (op,)
+
+
+def _factors(op: LinearOperator) -> tuple[LinearOperator, ...]:
+    """The factors of a Product built by ``@`` (flattened), or the operator alone."""
+    from .combinators import Product
+
+    return tuple(op.factors) if type(op) is Product else (op,)
+
+
+def _scale_product(op: LinearOperator, a: float, b: float) -> float:
+    """``a * b`` for folding ``b * (a * A)``; an overflow or an underflow to zero would be another operator."""
+    c = a * b
+    if not math.isfinite(c) or (c == 0 and a and b):
+        what = (
+            "scalars [{a:g}, {b:g}] overflows float64"
+            if not math.isfinite(c)
+            else "nonzero scalars [{a:g}, {b:g}] underflows float64 to 0"
+        )
+        raise ValueError(f"{op.name}: the product of its " + what.format(a=a, b=b))
+    return c
 
 
 def check_compatible(kind: str, ops: Sequence[LinearOperator]) -> int | None:

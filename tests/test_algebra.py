@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -298,3 +299,41 @@ def test_six_factor_network_with_a_label_summed_alone():
     x = _x(5)
     torch.testing.assert_close(op(x), x @ expected.T)
     torch.testing.assert_close(_dense(op), expected)
+
+
+def test_long_operator_chains_stay_flat():
+    """``a + b + c + ...``, ``a @ b @ ...`` and ``c * (d * A)`` nest no modules (a 600-term chain used to hit
+    RecursionError in repr, and to_expr refused it as nested 600 deep)."""
+    A = sm.Dense(3, 5, dtype=torch.float64)
+    B = sm.Dense(3, 5, dtype=torch.float64)
+    S = A
+    for k in range(600):
+        S = S + B if k % 2 else S - B
+    assert type(S) is sm.Sum and len(S.terms) == 601
+    assert S.num_params == 30  # shared parameters count once
+    x = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(S(x), A(x))  # 300 (- B) and 300 (+ B) cancel
+    assert "Sum(3, 5)" in repr(S)
+    assert sm.to_expr(S).count(" + ") + sm.to_expr(S).count(" - ") == 600
+
+    P = sm.Dense(3, 3, dtype=torch.float64)
+    Q = P
+    for _ in range(600):
+        Q = Q @ sm.Permutation([1, 2, 0])
+    assert type(Q) is sm.Product and len(Q.factors) == 601
+    torch.testing.assert_close(Q.dense(), P.dense())  # the cyclic shift to the power 600 = 3 * 200 is I
+
+    C = A
+    for _ in range(1500):
+        C = 1.001 * C
+    assert type(C) is sm.Scaled and C.op is A
+    assert C.scale == pytest.approx(1.001**1500, rel=1e-12)
+    torch.testing.assert_close(C.dense(), 1.001**1500 * A.dense())
+
+
+def test_explicit_nesting_is_kept():
+    A, B, C = (sm.Dense(3, 5) for _ in range(3))
+    S = sm.Sum(sm.Sum(A, B), C)  # written out by the user: kept as asked
+    assert isinstance(S.terms[0], sm.Sum)
+    T = sm.Scaled(sm.Scaled(A, 2.0), 3.0)
+    assert isinstance(T.op, sm.Scaled) and T.scale == 3.0

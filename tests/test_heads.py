@@ -230,11 +230,11 @@ def test_per_head_with_the_wrong_head_dim_raises(shape):
 
 def test_mixing_head_counts_raises():
     A = sm.LowRank(6, 6, rank=2, heads=2, dtype=F64)
-    B = sm.BTT(6, 6, ranks=1, heads=3, dtype=F64)
+    B = sm.BTT(6, 6, ranks=2, heads=3, dtype=F64)
     with pytest.raises(
         ValueError,
         match=r"Sum: operands are stacks of different numbers of heads: "
-        r"LowRank\(6, 6, rank=2, heads=2\), BTT\(6, 6, ranks=\[1\], heads=3\)",
+        r"LowRank\(6, 6, rank=2, heads=2\), BTT\(6, 6, ranks=\[2\], heads=3\)",
     ):
         A + B
     with pytest.raises(ValueError, match=r"Product: operands are stacks of different numbers of heads"):

@@ -274,7 +274,13 @@ START_CASES = {
     "mlr_unequal": lambda: sm.MLR(10, 12, ranks=[2, 1], blocks=[1, [(4, 5), (6, 7)]], dtype=F64),
     "mlr_heads": lambda: sm.MLR(12, 16, ranks=[2, 1], blocks=[1, 2], heads=2, dtype=F64),
     "multilevel_btt": lambda: sm.MultiLevel(
-        24, 24, [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.BTT, blocks=2, ranks=1)], dtype=F64
+        24,
+        24,
+        [
+            sm.BlockLevel(sm.LowRank, rank=2),
+            sm.BlockLevel(sm.BTT, blocks=2, ranks=1, in_factors=(3, 4), out_factors=(3, 4)),
+        ],
+        dtype=F64,
     ),
     # the gradient fallback
     "sum": lambda: sm.LowRank(12, 10, 2, dtype=F64) + sm.BlockDiagonal.from_sizes(12, 10, nblocks=2, dtype=F64),
