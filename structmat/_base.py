@@ -14,6 +14,7 @@ import torch
 from torch.nn.utils import prune
 
 from ._cost import Cost, Rank
+from ._factors import check_int
 from ._nodes import Node
 
 __all__ = ["LinearOperator"]
@@ -63,26 +64,6 @@ def _held(owner: torch.nn.Module, name: str) -> torch.Tensor:
     return t
 
 
-def _shown(value: Any) -> str:
-    """``value`` as messages quote it: its type and repr, but only the shape of a tensor or array (never its values).
-
-    >>> _shown(2.5), _shown(torch.zeros(3, 5))
-    ('float 2.5', 'Tensor of shape (3, 5)')
-    """
-    shape = getattr(value, "shape", None)
-    if isinstance(value, torch.Tensor) or isinstance(shape, tuple):
-        return f"{type(value).__name__} of shape {tuple(shape)}"  # type: ignore[arg-type]
-    return f"{type(value).__name__} {value!r}"
-
-
-def _check_size(owner: str, what: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {what} must be an int, got {_shown(value)}")
-    if value < 1:
-        raise ValueError(f"{owner}: {what} must be >= 1, got {value}")
-    return int(value)
-
-
 class LinearOperator(torch.nn.Module):
     """A structured linear map ``A`` of shape ``(m, n)``, applied like ``nn.Linear`` to the last dim.
 
@@ -119,8 +100,8 @@ class LinearOperator(torch.nn.Module):
     def __init__(self, shape: tuple[int, int], heads: int | None = None) -> None:
         super().__init__()
         kind = type(self).__name__
-        m = _check_size(kind, "m (rows)", shape[0])
-        n = _check_size(kind, "n (columns)", shape[1])
+        m = check_int(kind, "m (rows)", shape[0])
+        n = check_int(kind, "n (columns)", shape[1])
         self._shape = (m, n)
         self._heads = heads
         self._hooks_seen = -1  # the hook epoch at which nested operators were last looked at
@@ -429,7 +410,7 @@ class LinearOperator(torch.nn.Module):
 
     def cost(self, batch: int = 1) -> Cost:
         """Forward cost of applying the operator to ``batch`` vectors, from shapes alone (no data touched)."""
-        batch = _check_size(f"{self.name}.cost", "batch", batch)
+        batch = check_int(f"{self.name}.cost", "batch", batch)
         return dataclasses.replace(self._node.cost(batch), heads=self._heads)
 
     def expr(self) -> str:

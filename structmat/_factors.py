@@ -17,6 +17,8 @@ __all__ = [
     "check_factors",
     "check_ranks",
     "check_int",
+    "check_optional_int",
+    "shown",
     "check_train",
     "default_splits",
     "spec_rank_bound",
@@ -24,12 +26,44 @@ __all__ = [
 ]
 
 
+def shown(value: object) -> str:
+    """``value`` as error messages quote it: its type and repr, but only the shape of a tensor or array (never its
+    values).
+
+    >>> shown(2.5), shown(torch.zeros(3, 5))
+    ('float 2.5', 'Tensor of shape (3, 5)')
+    """
+    shape = getattr(value, "shape", None)
+    if isinstance(value, torch.Tensor) or isinstance(shape, tuple):
+        return f"{type(value).__name__} of shape {tuple(shape)}"  # type: ignore[arg-type]
+    return f"{type(value).__name__} {value!r}"
+
+
 def check_int(owner: str, what: str, value: object, minimum: int = 1) -> int:
-    """``value`` as an int: TypeError when it is not an int (bools included), ValueError when below ``minimum``."""
+    """``value`` as an int: TypeError when it is not an int (bools included), ValueError when below ``minimum``.
+
+    >>> check_int("Dense(3, 5)", "batch", 4)
+    4
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {what} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{owner}: {what} must be an int, got {shown(value)}")
     if value < minimum:
         raise ValueError(f"{owner}: {what} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_optional_int(owner: str, what: str, value: object) -> int | None:
+    """None, or ``value`` as an int >= 1: TypeError when it is not an int (bools included), ValueError below 1.
+
+    >>> check_optional_int("Dense(3, 5)", "heads", None), check_optional_int("Dense(3, 5)", "heads", 4)
+    (None, 4)
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {what} must be None or an int >= 1, got {shown(value)}")
+    if value < 1:
+        raise ValueError(f"{owner}: {what} must be None or an int >= 1, got {value!r}")
     return int(value)
 
 

@@ -8,12 +8,11 @@ Every single-network family (``Dense``, ``LowRank``, ``BlockTensorTrain``, ``Mon
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ._base import _shown
+from ._factors import check_optional_int
 from ._init import check_float_dtype, spectral_std
 from ._network import Factor, Network
 
@@ -30,13 +29,7 @@ def check_heads(owner: str, heads: object) -> int | None:
     >>> check_heads("Dense(3, 5)", 4), check_heads("Dense(3, 5)", None)
     (4, None)
     """
-    if heads is None:
-        return None
-    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral):
-        raise TypeError(f"{owner}: heads must be None or an int >= 1, got {_shown(heads)}")
-    if heads < 1:
-        raise ValueError(f"{owner}: heads must be None or an int >= 1, got {heads!r}")
-    return int(heads)
+    return check_optional_int(owner, "heads", heads)
 
 
 def define_network(

@@ -32,6 +32,8 @@ import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from structmat._factors import check_optional_int
+
 __all__ = ["CostPart", "AttentionCost", "pairs_joined"]
 
 
@@ -128,8 +130,8 @@ def pairs_joined(block_size: int | None, window: int | None, t_q: int, t_k: int,
         >>> pairs_joined(None, None, 5, 5), pairs_joined(2, None, 5, 5), pairs_joined(None, 2, 5, 5)
         (25, 9, 13)
     """
-    block_size = _optional_size("block_size", block_size)
-    window = _optional_size("window", window)
+    block_size = check_optional_int("pairs_joined", "block_size", block_size)
+    window = check_optional_int("pairs_joined", "window", window)
     if block_size is not None and window is not None:
         raise ValueError(f"pairs_joined: give block_size={block_size} or window={window}, not both")
     t_q, t_k, q_offset = (
@@ -154,14 +156,4 @@ def _size(what: str, value: object, minimum: int) -> int:
         raise TypeError(f"pairs_joined: {what} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"pairs_joined: {what} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _optional_size(what: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"pairs_joined: {what} must be None or an int >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"pairs_joined: {what} must be None or an int >= 1, got {value}")
     return int(value)

@@ -31,7 +31,7 @@ from typing import Any, final
 import torch
 
 import structmat as sm
-from structmat._factors import check_int
+from structmat._factors import check_int, check_optional_int
 
 from .cost import AttentionCost, CostPart, pairs_joined
 from .functional import Level, LevelFeatures, attend, attention_features, resolve_scale, structured_attention
@@ -86,8 +86,8 @@ class LevelSpec:
             raise TypeError(
                 f"LevelSpec: make must be a callable (d_model, n_heads, dtype=, device=), got {self.make!r}"
             )
-        object.__setattr__(self, "block_size", _check_optional_int("LevelSpec", "block_size", self.block_size))
-        object.__setattr__(self, "window", _check_optional_int("LevelSpec", "window", self.window))
+        object.__setattr__(self, "block_size", check_optional_int("LevelSpec", "block_size", self.block_size))
+        object.__setattr__(self, "window", check_optional_int("LevelSpec", "window", self.window))
         if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real):
             raise TypeError(f"LevelSpec: scale must be a real number, got {type(self.scale).__name__} {self.scale!r}")
         if self.block_size is not None and self.window is not None:
@@ -98,22 +98,6 @@ class LevelSpec:
     ) -> Level:
         """The :class:`Level` with a freshly built operator."""
         return Level(self.block_size, self.make(d_model, n_heads, dtype=dtype, device=device), self.scale, self.window)
-
-
-def _check_optional_int(where: str, what: str, value: object) -> int | None:
-    """None, or ``value`` as an int >= 1: TypeError when it is not an int (bools included), ValueError below 1."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {what} must be None or an int >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{where}: {what} must be None or an int >= 1, got {value!r}")
-    return int(value)
-
-
-def _check_int(where: str, what: str, value: object, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum`` (TypeError when not an int, ValueError when below)."""
-    return check_int(where, what, value, minimum)
 
 
 def _check_bool(where: str, what: str, value: object) -> bool:
@@ -140,8 +124,8 @@ def _int_list(where: str, what: str, values: object, allow_none: bool = False) -
 
 
 def _head_dim(where: str, d_model: int, n_heads: int) -> int:
-    d_model = _check_int(where, "d_model", d_model)
-    n_heads = _check_int(where, "n_heads", n_heads)
+    d_model = check_int(where, "d_model", d_model)
+    n_heads = check_int(where, "n_heads", n_heads)
     if d_model % n_heads:
         raise ValueError(f"{where}: n_heads={n_heads} must divide d_model={d_model}")
     return d_model // n_heads
@@ -312,11 +296,11 @@ class StructuredAttention(torch.nn.Module):
     ) -> None:
         super().__init__()
         where = f"StructuredAttention(d_model={d_model}, n_heads={n_heads})"
-        self.d_model = _check_int(where, "d_model", d_model)
-        self.n_heads = _check_int(where, "n_heads", n_heads)
+        self.d_model = check_int(where, "d_model", d_model)
+        self.n_heads = check_int(where, "n_heads", n_heads)
         if d_value is None:
             d_value = _head_dim(where, d_model, n_heads)
-        self.d_value = _check_int(where, "d_value", d_value)
+        self.d_value = check_int(where, "d_value", d_value)
         if isinstance(levels, (Level, LevelSpec)) or not isinstance(levels, Sequence) or len(levels) == 0:
             raise TypeError(f"{where}: levels must be a non-empty list of Level or LevelSpec, got {levels!r}")
         built = []
@@ -337,7 +321,7 @@ class StructuredAttention(torch.nn.Module):
         resolve_scale(scale, 1, where)  # validate now
         self.scale = scale
         self.qk_norm = _check_bool(where, "qk_norm", qk_norm)
-        self.key_block = _check_optional_int(where, "key_block", key_block)
+        self.key_block = check_optional_int(where, "key_block", key_block)
         if unjoined is not None and unjoined not in ("zero", "mask"):
             raise ValueError(f"{where}: unjoined must be None, 'zero' or 'mask', got {unjoined!r}")
         self.unjoined = unjoined
@@ -510,9 +494,9 @@ class StructuredAttention(torch.nn.Module):
         See :mod:`structmat_attention.cost` for each part's convention.
         """
         where = f"{type(self).__name__}.cost"
-        t_q = _check_int(where, "seq_len", seq_len)
-        batch = _check_int(where, "batch", batch)
-        past = _check_int(where, "past", past, 0)
+        t_q = check_int(where, "seq_len", seq_len)
+        batch = check_int(where, "batch", batch)
+        past = check_int(where, "past", past, 0)
         t_k, h, n = past + t_q, self.n_heads, batch * t_q
         held = t_k - self._keep_from(past)  # the keys a KVCache still holds (all of them without a cache)
         parts: list[CostPart] = []
@@ -572,7 +556,7 @@ def standard_attention(d_model: int, n_heads: int, *, d_head: int | None = None,
     where = f"standard_attention(d_model={d_model}, n_heads={n_heads})"
     if d_head is None:
         d_head = _head_dim(where, d_model, n_heads)
-    d_head = _check_int(where, "d_head", d_head)
+    d_head = check_int(where, "d_head", d_head)
     options.setdefault("d_value", d_head)
     return StructuredAttention(d_model, n_heads, [LevelSpec(_lowrank(d_head))], **options)
 
@@ -703,7 +687,7 @@ def mlr_attention(
     if block_sizes is None:
         if max_seq_len is None:
             raise ValueError(f"{where}: give block_sizes, or max_seq_len for the default [None, T/2, T/4, ...]")
-        max_seq_len = _check_int(where, "max_seq_len", max_seq_len)
+        max_seq_len = check_int(where, "max_seq_len", max_seq_len)
         if max_seq_len >> (len(rs) - 1) < 1:
             raise ValueError(
                 f"{where}: max_seq_len={max_seq_len} is too short to halve into {len(rs)} levels "
@@ -744,10 +728,10 @@ def sliding_window_attention(
         (3, torch.Size([6, 8]))
     """
     where = f"sliding_window_attention(d_model={d_model}, n_heads={n_heads}, window={window})"
-    window = _check_int(where, "window", window)
+    window = check_int(where, "window", window)
     if d_head is None:
         d_head = _head_dim(where, d_model, n_heads)
-    d_head = _check_int(where, "d_head", d_head)
+    d_head = check_int(where, "d_head", d_head)
     options.setdefault("d_value", d_head)
     return StructuredAttention(d_model, n_heads, [LevelSpec(_lowrank(d_head), window=window)], **options)
 
@@ -783,7 +767,7 @@ def gswa_attention(
         ['LowRank(16, 16, rank=4, heads=2)', 'LowRank(16, 16, rank=4, heads=2)']
     """
     where = f"gswa_attention(d_model={d_model}, n_heads={n_heads}, window={window})"
-    window = _check_int(where, "window", window)
+    window = check_int(where, "window", window)
     d_head = _head_dim(where, d_model, n_heads)
     if global_rank is None and window_rank is None and d_head < 2:
         raise ValueError(f"{where}: d_head={d_head} cannot be split between a global and a windowed level")
@@ -791,8 +775,8 @@ def gswa_attention(
         global_rank = d_head // 2 if window_rank is None else max(d_head - window_rank, 1)
     if window_rank is None:
         window_rank = max(d_head - global_rank, 1)
-    global_rank = _check_int(where, "global_rank", global_rank)
-    window_rank = _check_int(where, "window_rank", window_rank)
+    global_rank = check_int(where, "global_rank", global_rank)
+    window_rank = check_int(where, "window_rank", window_rank)
     options.setdefault("d_value", d_head)
     specs = [LevelSpec(_lowrank(global_rank)), LevelSpec(_lowrank(window_rank), window=window)]
     return StructuredAttention(d_model, n_heads, specs, **options)

@@ -10,7 +10,8 @@ from typing import final
 
 import torch
 
-from .._base import LinearOperator, _shown
+from .._base import LinearOperator
+from .._factors import shown
 from .._family import check_heads, define_network
 from .._nodes import NetNode, Node
 
@@ -134,7 +135,7 @@ class TensorNetwork(LinearOperator):
             if lab not in used:
                 raise ValueError(f"{where}: unknown label {lab!r} in sizes; the spec's labels are {sorted(used)}")
             if isinstance(s, bool) or not isinstance(s, numbers.Integral):
-                raise TypeError(f"{where}: size of label {lab!r} must be an int, got {_shown(s)}")
+                raise TypeError(f"{where}: size of label {lab!r} must be an int, got {shown(s)}")
             if s < 1:
                 raise ValueError(f"{where}: size of label {lab!r} must be >= 1, got {s!r}")
         known: dict[str, tuple[int, str]] = {lab: (int(s), "sizes") for lab, s in sizes.items()}
