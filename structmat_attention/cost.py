@@ -28,11 +28,10 @@ keys, ``H`` heads and ``batch`` sequences:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from structmat._factors import check_optional_int
+from structmat._factors import check_int, check_optional_int
 
 __all__ = ["CostPart", "AttentionCost", "pairs_joined"]
 
@@ -134,9 +133,9 @@ def pairs_joined(block_size: int | None, window: int | None, t_q: int, t_k: int,
     window = check_optional_int("pairs_joined", "window", window)
     if block_size is not None and window is not None:
         raise ValueError(f"pairs_joined: give block_size={block_size} or window={window}, not both")
-    t_q, t_k, q_offset = (
-        _size(what, v, least) for what, v, least in (("t_q", t_q, 0), ("t_k", t_k, 0), ("q_offset", q_offset, 0))
-    )
+    t_q = check_int("pairs_joined", "t_q", t_q, 0)
+    t_k = check_int("pairs_joined", "t_k", t_k, 0)
+    q_offset = check_int("pairs_joined", "q_offset", q_offset, 0)
     if block_size is not None:
         total = 0
         q_end = q_offset + t_q
@@ -149,11 +148,3 @@ def pairs_joined(block_size: int | None, window: int | None, t_q: int, t_k: int,
     if window is not None:
         return sum(max(min(i + window, t_k) - max(i - window + 1, 0), 0) for i in range(q_offset, q_offset + t_q))
     return t_q * t_k
-
-
-def _size(what: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"pairs_joined: {what} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"pairs_joined: {what} must be >= {minimum}, got {value}")
-    return int(value)
