@@ -345,6 +345,13 @@ class LinearOperator(torch.nn.Module):
             raise tensor_operand_error(f"{self.name} - ", other, "")
         return NotImplemented
 
+    def __rsub__(self, other: Any) -> Any:
+        if isinstance(other, torch.Tensor):
+            from .combinators import tensor_operand_error
+
+            raise tensor_operand_error("", other, f" - {self.name}")
+        return NotImplemented
+
     def __mul__(self, c: Any) -> Any:
         from .combinators import Scaled
 

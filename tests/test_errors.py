@@ -694,6 +694,7 @@ VALUES = torch.full((3, 5), 12345.678)
         (lambda: sm.Dense(3, 5) + VALUES, r"Dense\(3, 5\) \+ Tensor of shape \(3, 5\): an operator adds only to"),
         (lambda: VALUES + sm.Dense(3, 5), r"Tensor of shape \(3, 5\) \+ Dense\(3, 5\): an operator adds only to"),
         (lambda: sm.Dense(3, 5) - VALUES, r"Dense\(3, 5\) - Tensor of shape \(3, 5\): an operator adds only to"),
+        (lambda: VALUES - sm.Dense(3, 5), r"Tensor of shape \(3, 5\) - Dense\(3, 5\): an operator adds only to"),
         (lambda: sm.Dense(3, 5) * VALUES, r"Dense\(3, 5\) \* Tensor: an operator is scaled by a real number"),
     ],
 )
