@@ -405,11 +405,17 @@ def fuse(a: Network, b: Network) -> Network | None:
     """The network of ``a @ b`` (b's outputs joined to a's inputs) when the splits refine; otherwise None."""
     # rank(A P D) = rank(A) for a permutation P times a generically nonzero diagonal D
     vouched = (_exact(a) and _scaled_permutation(b)) or (_exact(b) and _scaled_permutation(a))
+    # rank(A B) = rank(B) when A is one-to-one, and rank(A) when B is onto; the fused cut bound is never below the
+    # rank, so it is the rank when it equals that part's (exact) bound
+    parts_exact = not vouched and _exact(a) and _exact(b)
+    original = (a, b)
     a = a.squeeze()
     b = b.squeeze().shifted(a.max_label() + 1)
     plan = refine(tuple(s for _, s in b.out_modes), tuple(s for _, s in a.in_modes))
     if plan is None:
         return None
+    if parts_exact:
+        known = (original[0].rank_bound()[0], original[0].n, original[1].rank_bound()[0], original[1].m)
     pieces_b, pieces_a = plan
     nxt = max(a.max_label(), b.max_label()) + 1
     for (lab, _), parts in zip(list(b.out_modes), pieces_b):
@@ -426,7 +432,13 @@ def fuse(a: Network, b: Network) -> Network | None:
     if a.head is not None and b.head is not None:
         mapping[a.head[0]] = b.head[0]
     a = a.relabel(mapping)
-    return Network(a.factors + b.factors, b.in_modes, a.out_modes, a.scale * b.scale, _head(a, b), vouched)
+    fused = Network(a.factors + b.factors, b.in_modes, a.out_modes, a.scale * b.scale, _head(a, b), vouched)
+    if parts_exact:
+        rank_a, n_a, rank_b, m_b = known
+        bound = fused.rank_bound()[0]
+        if (rank_a == n_a and bound == rank_b) or (rank_b == m_b and bound == rank_a):
+            fused = replace(fused, vouched=True)
+    return fused
 
 
 def _exact(net: Network) -> bool:

@@ -427,6 +427,15 @@ EXACT_RANKS = {
         2,
     ),
     "kron_of_transposed_products": (lambda: sm.kron((_perm(12) @ _btt()).T, sm.Dense(2, 3, dtype=F64)), 6 * 2),
+    # fused into one (non-tree) network: a one-to-one left part keeps the right part's rank, an onto right part the
+    # left one's. BTT(12, 10, ranks=2) on (3, 4) x (2, 5): cut min(12, 10, 3 * 2 * 2 = 12) = 10, one-to-one
+    "one_to_one_btt_times_lowrank": (
+        lambda: sm.BTT(12, 10, 2, in_factors=(2, 5), out_factors=(3, 4), dtype=F64) @ sm.LowRank(10, 7, 3, dtype=F64),
+        3,
+    ),
+    # BTT(12, 12, ranks=2) on (3, 4) x (3, 4): cut min(12, 3 * 3 * 2 = 18) = 12, onto
+    "lowrank_times_onto_btt": (lambda: sm.LowRank(7, 12, 4, dtype=F64) @ sm.BTT(12, 12, 2, dtype=F64), 4),
+    "btt_times_btt": (lambda: sm.BTT(12, 12, 2, dtype=F64) @ _btt(), 6),
 }
 
 
