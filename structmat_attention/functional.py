@@ -396,9 +396,10 @@ def _scores(feats: list, t_q: int, t_k: int, q_offset: int) -> torch.Tensor:
                 if c != 1.0:
                     s = s.mul_(c)
             else:  # in place: no second (T_q, T_k) matrix
-                q3 = q.expand(*lead, t_q, q.shape[-1]).reshape(-1, t_q, q.shape[-1])
-                k3 = k.expand(*lead, t_k, k.shape[-1]).reshape(-1, t_k, k.shape[-1])
-                s.view(-1, t_q, t_k).baddbmm_(q3, k3.mT, alpha=c)
+                n = math.prod(lead)  # explicit, not -1: T_q or T_k may be 0
+                q3 = q.expand(*lead, t_q, q.shape[-1]).reshape(n, t_q, q.shape[-1])
+                k3 = k.expand(*lead, t_k, k.shape[-1]).reshape(n, t_k, k.shape[-1])
+                s.view(n, t_q, t_k).baddbmm_(q3, k3.mT, alpha=c)
             continue
         tiles = _tiles(lv, t_q, t_k, q_offset, q.device, q.dtype)
         if s is not None and torch.compiler.is_compiling():  # AOT autograd mis-traces the in-place add onto s
@@ -747,6 +748,8 @@ def _check_mask(
         )
     if mask.dtype != torch.bool and mask.dtype != dtype:
         mask = mask.to(dtype)
+    if mask.ndim == 0:  # one entry for every pair: the paths slice the key dim
+        mask = mask.reshape(1)
     return mask
 
 

@@ -547,6 +547,32 @@ def test_no_queries_on_every_method(method):
     assert out.shape == (2, 0, 4)
 
 
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed", "auto"])
+def test_no_queries_with_two_global_levels(method):
+    # the second global level is added in place through a (batch, T_q, T_k) view: T_q = 0 must not make it ambiguous
+    levels = [Level(None, lowrank(6, 2, heads=2)), Level(None, lowrank(6, 1, heads=2))]
+    x, v = torch.randn(5, 6, dtype=F64), torch.randn(2, 5, 4, dtype=F64)
+    out = structured_attention(x[:0], x, v, levels, method=method)
+    assert out.shape == (2, 0, 4)
+    assert bilinear_scores(x[:0], x, levels).shape == (2, 0, 5)
+
+
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed", "auto"])
+def test_zero_dim_additive_mask(method):
+    # a 0-dim mask broadcasts to every pair: it shifts every score alike (no change) and its gradient is the sum of
+    # the scores' gradients, 0 up to rounding
+    W = lowrank(6, 2, heads=2)
+    x, v = torch.randn(5, 6, dtype=F64), torch.randn(2, 5, 3, dtype=F64)
+    mask = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    out = structured_attention(x, x, v, W, causal=True, mask=mask, method=method, key_block=2)
+    s = reference_scores(x, x, [Level(None, W)])
+    torch.testing.assert_close(out, reference_attention(s, v, causal=True))
+    (grad,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), mask)
+    assert grad.shape == () and abs(grad.item()) < 1e-10
+    blocked = structured_attention(x, x, v, W, causal=True, mask=torch.tensor(False), method=method, key_block=2)
+    assert torch.equal(blocked, torch.zeros_like(blocked))
+
+
 def test_numpy_integers_are_accepted():
     np = pytest.importorskip("numpy")
     W = lowrank(6, 2)
