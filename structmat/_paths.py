@@ -318,16 +318,15 @@ def _chain(pb: _Problem, parts: Sequence[int], budget: list[int]) -> Leaf:
     first, for a transposed product. The cheaper of the two."""
     starts = [1 + sum(parts[:k]) for k in range(len(parts))]
     groups = [list(range(a, a + c)) for a, c in zip(starts, parts)]
-    best: Leaf | None = None
-    for order in (groups[::-1], groups):
+
+    def applied(order: list[list[int]]) -> Leaf:
         current = pb.operand(0)
         for group in order:
             if group:
                 current = _best_tree(pb, [current, *map(pb.operand, group)], budget)
-        if best is None or current[1] < best[1]:
-            best = current
-    assert best is not None
-    return best
+        return current
+
+    return min((applied(groups[::-1]), applied(groups)), key=lambda leaf: leaf[1])
 
 
 def _linear(tree: Tree, count: int) -> list[tuple[int, ...]]:
