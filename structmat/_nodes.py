@@ -97,12 +97,6 @@ def _combine(shape: tuple[int, int], batch: int, parts: list[Cost], flops: int =
     )
 
 
-def _best_path(eq: str, shapes: list[tuple[int, ...]], parts: tuple[int, ...] = ()) -> tuple[Any, Any]:
-    """opt_einsum's ``(path, PathInfo)``: the optimum up to 10 operands, never worse than the chain of a fused product
-    (``parts``), planned in tens of milliseconds at most (see :mod:`structmat._paths`)."""
-    return best_path(eq, shapes, parts)
-
-
 @dataclass
 class _Plan:
     equation: str
@@ -152,7 +146,7 @@ class NetNode(Node):
             summed = set(lhs) - set(rhs)
             flops = (math.prod(xshape) if summed else 0) + scale_flops
             return _Plan(eq, None, Contraction(eq, tuple(shapes), ((0,),), flops, scale_flops, out_size))
-        path, info = _best_path(eq, shapes, self.parts)
+        path, info = best_path(eq, shapes, self.parts)
         size = dict(info.size_dict)
         macs = 0
         for step in info.contraction_list:

@@ -20,16 +20,14 @@ so the rank is exactly ``min(m, n)``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import final
 
 import torch
 
 from .._base import LinearOperator
-from .._cost import Rank
 from .._factors import check_int
 from .._family import check_heads, define_network
-from .._nodes import ChainNode, NetNode, Node, compose
+from .._nodes import NetNode, Node, compose
 
 __all__ = ["Monarch"]
 
@@ -107,35 +105,6 @@ class Monarch(LinearOperator):
         return "Monarch", f"nblocks={self.nblocks}"
 
     def _lower(self) -> Node:
-        node = compose([NetNode(self._left), NetNode(self._right)])
-        if isinstance(node, NetNode):  # k | q or q | k: one network, whose cut min(m, n) is the generic rank
-            return NetNode(dataclasses.replace(node.network, vouched=True))
-        return _FullRankChain(node.children if isinstance(node, ChainNode) else [node])
-
-
-class _FullRankChain(ChainNode):
-    """A chain ``C_1 ... C_K`` whose rank is exact when the parts before some point are one-to-one and the rest onto.
-
-    If ``C_1 .. C_j`` each have exact rank equal to their column count and ``C_{j+1} .. C_K`` exact rank equal to their
-    row count (generic parameters), the product has rank exactly the dimension between ``C_j`` and ``C_{j+1}``, which
-    is then the smallest of all: one-to-one maps after an onto one keep its range's dimension. Monarch's two parts
-    (``L`` one-to-one from ``min(m, n)``, ``R`` onto it) are such a chain, and so is its transpose.
-    """
-
-    def rank(self) -> Rank:
-        ranks = [c.rank() for c in self.children]
-        bound = min(r.bound for r in ranks)
-        if not all(r.exact for r in ranks):
-            return Rank(bound, False)
-        if bound == 0:
-            return Rank(0, True)
-        one_to_one = [r.bound == c.n for r, c in zip(ranks, self.children)]
-        onto = [r.bound == c.m for r, c in zip(ranks, self.children)]
-        exact = any(all(one_to_one[:j]) and all(onto[j:]) for j in range(len(ranks) + 1))
-        return Rank(bound, exact)
-
-    def transpose(self) -> Node:
-        return _FullRankChain([c.transpose() for c in reversed(self.children)])
-
-    def scaled(self, c: float) -> Node:
-        return _FullRankChain([*self.children[:-1], self.children[-1].scaled(c)])
+        # one network when k | q or q | k, else two einsums; either way R is onto the min(m, n) intermediate and L
+        # one-to-one from it, so the products' rank rules (fuse, ChainNode.rank) make min(m, n) exact
+        return compose([NetNode(self._left), NetNode(self._right)])
