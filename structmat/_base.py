@@ -38,6 +38,22 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 _hook_epoch = [0]
 
 
+def _counting_hooks(name: str) -> Any:
+    """``torch.nn.Module``'s method ``name`` that also bumps :data:`_hook_epoch`."""
+    register = getattr(torch.nn.Module, name)
+
+    @functools.wraps(register)
+    def method(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        _hook_epoch[0] += 1
+        return register(self, *args, **kwargs)
+
+    method.__doc__ = (
+        f"As :meth:`torch.nn.Module.{name}`. The hook runs when this operator is called, never when a composition "
+        "holding it is applied (that composition warns)."
+    )
+    return method
+
+
 def _ignored_hooks(op: LinearOperator) -> list[str]:
     """Names of the operators nested in ``op`` that have hooks its application skips: forward (pre-)hooks and
     backward hooks. Pruning's pre-hook is not one of them: the factor reads the pruned tensor itself."""
@@ -259,32 +275,12 @@ class LinearOperator(torch.nn.Module):
                 stacklevel=5,  # the caller of op(x), through Module.__call__
             )
 
-    def register_forward_hook(self, *args: Any, **kwargs: Any) -> Any:
-        """As :meth:`torch.nn.Module.register_forward_hook`; it does not run inside a composition (one that holds
-        this operator warns when applied)."""
-        _hook_epoch[0] += 1
-        return super().register_forward_hook(*args, **kwargs)
-
-    def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
-        """As :meth:`torch.nn.Module.register_forward_pre_hook`; it does not run inside a composition (one that
-        holds this operator warns when applied; pruning's pre-hook is not needed there)."""
-        _hook_epoch[0] += 1
-        return super().register_forward_pre_hook(*args, **kwargs)
-
-    def register_full_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
-        """As :meth:`torch.nn.Module.register_full_backward_hook`; it does not run inside a composition."""
-        _hook_epoch[0] += 1
-        return super().register_full_backward_hook(*args, **kwargs)
-
-    def register_full_backward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
-        """As :meth:`torch.nn.Module.register_full_backward_pre_hook`; it does not run inside a composition."""
-        _hook_epoch[0] += 1
-        return super().register_full_backward_pre_hook(*args, **kwargs)
-
-    def register_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
-        """As :meth:`torch.nn.Module.register_backward_hook`; it does not run inside a composition."""
-        _hook_epoch[0] += 1
-        return super().register_backward_hook(*args, **kwargs)
+    # registering a hook bumps the epoch, so compositions look for hooks they would skip (they do not run inside one)
+    register_forward_hook = _counting_hooks("register_forward_hook")
+    register_forward_pre_hook = _counting_hooks("register_forward_pre_hook")
+    register_full_backward_hook = _counting_hooks("register_full_backward_hook")
+    register_full_backward_pre_hook = _counting_hooks("register_full_backward_pre_hook")
+    register_backward_hook = _counting_hooks("register_backward_hook")
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
