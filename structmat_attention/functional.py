@@ -305,9 +305,23 @@ def bilinear_scores(
     feats = _features(lvs, x_q, x_k, scale, qk_norm, heads, where)
     t_q, t_k = x_q.shape[-2], x_k.shape[-2]
     s = _scores(feats, t_q, t_k, q_offset)
-    if masked:
+    if masked and not _joins_all(lvs, t_q, t_k, q_offset):
         s = s.masked_fill(~_joined(lvs, t_q, 0, t_k, q_offset, s.device), float("-inf"))
     return s
+
+
+def _joins_all(levels: Sequence[Level], t_q: int, t_k: int, q_offset: int) -> bool:
+    """Whether some level joins every pair of these queries (positions ``q_offset ..``) and keys (``0 .. t_k - 1``):
+    then nothing is unjoined and no mask is built (a block as long as the sequence is a global level here)."""
+    end = max(q_offset + t_q, t_k)  # every position lies in 0 .. end - 1
+    for lv in levels:
+        if lv.is_global:
+            return True
+        if lv.block_size is not None and end <= lv.block_size:
+            return True
+        if lv.window is not None and max(q_offset + t_q - 1, t_k - 1 - q_offset) < lv.window:
+            return True
+    return False
 
 
 def _joined(levels: Sequence[Level], t_q: int, k0: int, k1: int, q_offset: int, device: torch.device) -> torch.Tensor:
@@ -763,6 +777,7 @@ def _attend(feats: list, v: object, mask: object, args: _Args, where: str) -> to
     v, out_lead = _check_values(v, lead, t_k, heads, dtype, where)
     mask = _check_mask(mask, out_lead, t_q, t_k, dtype, where)
     causal, q_offset, key_block, method, masked = args
+    masked = masked and not _joins_all(levels, t_q, t_k, q_offset)
     if t_k == 0:  # no key to attend to: zeros, still connected to the inputs
         return torch.matmul(sum(torch.matmul(q, k.mT) for _, q, k, _ in feats), v)
     if method == "streamed" or (method == "auto" and key_block is not None and key_block < t_k):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import structmat as sm
-from structmat_attention import Level, bilinear_scores, structured_attention
+from structmat_attention import Level, bilinear_scores, functional, structured_attention
 
 F64 = torch.float64
 
@@ -597,3 +597,32 @@ def test_structured_attention_compiles_fullgraph(method):
     torch._dynamo.reset()
     out = torch.compile(f, backend="eager", fullgraph=True)(x, v, mask)
     torch.testing.assert_close(out, f(x, v, mask))  # eager is checked against the references above
+
+
+@pytest.mark.parametrize("method", ["scores", "sdpa", "streamed", "auto"])
+def test_a_level_covering_the_sequence_builds_no_mask(method, monkeypatch):
+    """MLR levels of blocks T, T/2, T/4 join every pair (the first block holds the whole sequence): no pair-mask is
+    built (it cost the default path a T x T boolean mask and torch's masked SDPA, 2x its time at T = 4096), and the
+    result is the plain multi-level sum, the same as with ``unjoined="zero"``."""
+    torch.manual_seed(0)
+    t, d = 12, 6
+    x = torch.randn(2, t, d, dtype=torch.float64)
+    v = torch.randn(2, t, 5, dtype=torch.float64)
+    levels = [Level(t // 2**lvl, sm.LowRank(d, d, rank=2, dtype=torch.float64)) for lvl in range(3)]
+    expected = structured_attention(x, x, v, levels, causal=True, unjoined="zero", method="scores")
+    windowed = [Level(None, sm.LowRank(d, d, rank=2, dtype=torch.float64), window=t)]
+    expected_w = structured_attention(x, x, v, windowed, causal=True, unjoined="zero", method="scores")
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("a pair mask was built although every pair is joined")
+
+    monkeypatch.setattr(functional, "_joined", no_mask)
+    kw = {"key_block": 5} if method == "streamed" else {}
+    got = structured_attention(x, x, v, levels, causal=True, method=method, **kw)
+    torch.testing.assert_close(got, expected)
+    if method != "sdpa":  # windows run on the score paths
+        got_w = structured_attention(x, x, v, windowed, causal=True, method=method, **kw)
+        torch.testing.assert_close(got_w, expected_w)
+    # decoding the last 3 queries: positions 9 .. 11 still lie in the first block
+    got = structured_attention(x[:, -3:], x, v, levels, causal=True, q_offset=t - 3, method=method, **kw)
+    torch.testing.assert_close(got, expected[:, -3:])
