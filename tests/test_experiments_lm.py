@@ -15,6 +15,14 @@ from structmat_attention.experiments._cli import main
 SHAKESPEARE = Path("/work/shared/data/text/tinyshakespeare.txt")
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The runs set torch's thread count; give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- corpus ------------------------------------------------------------------------------------------------------------
 def test_stdlib_files_sorted_and_without_site_packages():
     root = Path(sysconfig.get_paths()["stdlib"])

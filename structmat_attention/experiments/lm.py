@@ -58,6 +58,8 @@ __all__ = [
     "build_model",
     "add_arguments",
     "plan",
+    "LMRun",
+    "prepare",
     "run_one",
 ]
 
@@ -447,8 +449,30 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     ]
 
 
-def run_one(spec: RunSpec, progress: bool = True, position: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train one variant at one width and seed; returns ``(static fields, fit's records)``."""
+@dataclass(frozen=True)
+class LMRun:
+    """Everything :func:`~structmat_attention.experiments._train.fit` needs for one run (see :func:`prepare`).
+
+    Args:
+        model: the GPT (zero-initialized outputs), on the CPU.
+        config: the optimization settings.
+        sample: ``sample(step)`` -> the step's global batch ``(batch_size, seq_len + 1)``, drawn with a generator
+            seeded from ``(seed, step)``.
+        loss: ``loss(model, batch)`` -> mean next-character cross-entropy over every position.
+        evaluate: ``evaluate(model)`` -> ``{"val_loss": ...}`` over the fixed validation windows.
+        static: the run's fields shared by every record (width, heads, params, FLOPs per token, corpus identity).
+    """
+
+    model: GPT
+    config: TrainConfig
+    sample: Callable[[int], torch.Tensor]
+    loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]
+    static: dict[str, Any]
+
+
+def prepare(spec: RunSpec) -> LMRun:
+    """Build one run's model (seeded by ``spec.seed``), batches, loss and evaluation from a :func:`plan` spec."""
     c = spec.config
     corpus = load_corpus(c["text"], c["byte_budget"], c["chunk_chars"], c["seq_len"])
     torch.manual_seed(spec.seed)
@@ -475,30 +499,36 @@ def run_one(spec: RunSpec, progress: bool = True, position: int = 0) -> tuple[di
         warmup=c["warmup"],
         eps=c["eps"],
     )
-    device = torch.device(spec.device)
-    val = validation_windows(corpus, c["val_windows"], c["seq_len"]).to(device)
+    val = validation_windows(corpus, c["val_windows"], c["seq_len"])
 
     def sample(step: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(_step_seed(spec.seed, step))
         return sample_windows(corpus.train, c["batch_size"], c["seq_len"] + 1, generator)
 
     def evaluate(net: torch.nn.Module) -> dict[str, float]:
+        device = next(net.parameters()).device
         total = 0.0
         for start in range(0, val.shape[0], c["batch_size"]):
-            part = val[start : start + c["batch_size"]]
+            part = val[start : start + c["batch_size"]].to(device)
             total += float(_lm_loss(net, part)) * part.shape[0]
         return {METRIC: total / val.shape[0]}
 
+    return LMRun(model, config, sample, _lm_loss, evaluate, static)
+
+
+def run_one(spec: RunSpec, progress: bool = True, position: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train one variant at one width and seed; returns ``(static fields, fit's records)``."""
+    run = prepare(spec)
     records = fit(
-        model,
-        config,
-        sample,
-        _lm_loss,
-        evaluate,
-        tokens_per_example=c["seq_len"],
-        device=device,
-        desc=f"lm {spec.variant} w{width} s{spec.seed}",
+        run.model,
+        run.config,
+        run.sample,
+        run.loss,
+        run.evaluate,
+        tokens_per_example=spec.config["seq_len"],
+        device=spec.device,
+        desc=f"lm {spec.variant} w{spec.config['width']} s{spec.seed}",
         progress=progress,
         position=position,
     )
-    return static, records
+    return run.static, records
