@@ -16,6 +16,15 @@ UTF-8 file instead. The text is cut into chunks of ``chunk_chars`` characters (t
 goes to validation when ``k % 10 == 9`` and to training otherwise, and each side is the concatenation of its chunks
 in order (90/10 by contiguous chunks). The vocabulary is the sorted set of the training text's characters, with id 0
 the ``<unk>`` token that every character unseen in training maps to.
+
+Batches: step ``s`` of seed ``k`` draws its global batch of windows (``seq_len + 1`` characters, uniform random
+starts in the training text) with a generator seeded from ``(k, s)``, so any number of processes sees the same
+batches. Validation: a fixed set of windows of the validation text (one generator seed for every run), mean
+cross-entropy over all their positions.
+
+Differences from the paper: GSWA is :func:`~structmat_attention.layers.gswa_attention`, whose global and windowed
+scores share one softmax (the paper sums two softmaxes' probabilities); MLR attention's scores are not divided by the
+number of levels that cover a pair; the corpus is Python source or a file of your choice, not OpenWebText.
 """
 
 from __future__ import annotations
@@ -120,9 +129,11 @@ class LMPreset:
     variants: tuple[str, ...] = VARIANTS
 
 
-#: ``smoke``: seconds, for the tests. ``quick``: the whole command (4 variants x 2 seeds, 2 runs at once with one
-#: thread each) in about 8 minutes on a 2-core CPU. ``paper``: the paper's LM configuration as far as it is
-#: documented (6 layers, d_head 64, T = 1024, 32 x 1024 = 32k tokens per step, 100k steps, MLR ranks
+#: ``smoke``: seconds, for the tests (width 16, 2 heads of 8, 1 layer, T = 32, 10 steps, 100 kB of stdlib).
+#: ``quick``: the whole command (4 variants x 2 seeds, 2 runs at once with one thread each) in at most 8 minutes on a
+#: 2-core CPU: width 64, 2 heads of 32, 2 layers, T = 128, batch 16, 800 steps, MLR ranks 16|8|8 over levels global,
+#: 64, 32, window 32 (T/4), the first 4 MB of the stdlib sources. ``paper``: the paper's LM configuration as far as
+#: it is documented (6 layers, d_head 64, T = 1024, 32 x 1024 = 32k tokens per step, 100k steps, MLR ranks
 #: 32|8|6|4|4|4|4|2 over levels global, 512, 256, ..., 8, widths 256, 384, 512, 768, AdamW eps 1e-20), for a GPU.
 #: The paper trains on OpenWebText (pass it with ``--text``); its learning rate and window are not in our notes:
 #: lr 3e-3 at base width 256 and a window of T/4 are this project's choices.
