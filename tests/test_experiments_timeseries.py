@@ -323,3 +323,11 @@ def test_run_one_naive_needs_no_training(tmp_path):
     static, records = ts.run_one(RunSpec("timeseries", "naive", 0, "smoke", "cpu", config), progress=False)
     assert static["n_test_windows"] == 2880 - 24 + 1 and static["width"] is None
     assert len(records) == 1 and records[0]["tokens"] == 0 and records[0]["train_loss"] is None
+
+
+def test_command_line_reports_a_bad_file(tmp_path, capsys):
+    no_ot = _write_csv(tmp_path / "no_ot.csv", "date,HUFL", ["2016-07-01 00:00:00,1.0"])
+    status = main(["timeseries", "--preset", "smoke", "--data", str(no_ot), "--out", str(tmp_path / "run")])
+    assert status == 2
+    assert "no_ot.csv has no 'OT' column" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

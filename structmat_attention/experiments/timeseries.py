@@ -6,7 +6,10 @@ literature (Informer and later: the first 12 months train, the next 4 validation
 8640 / 2880 / 2880 rows; the validation and test windows' inputs reach back ``input_len`` rows into the previous
 split), standardized with the training split's mean and (population) standard deviation. Every window is an input of
 ``input_len`` values and a target of the ``horizon`` values after it; metrics are MSE and MAE on the standardized
-scale over every window (stride 1) of the test split (``test_mse`` is the headline) and the validation MSE.
+scale over every window (stride 1) of the test split (``test_mse`` is the headline) and the validation MSE. There is
+no early stopping: the final table reports the last evaluation point of each run (``val_mse`` is recorded at every
+point for anyone who wants to select by it). Training batches draw window starts uniformly from the training split
+with a generator seeded from ``(seed, step)``.
 
 Variants (``--variants``):
 
