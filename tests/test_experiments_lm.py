@@ -1,5 +1,6 @@
 """The character-level LM experiment: corpus loader, split, vocabulary, batches, and the smoke preset end to end."""
 
+import argparse
 import hashlib
 import json
 import math
@@ -225,3 +226,17 @@ def test_tinyshakespeare_via_text(tmp_path):
     train, _ = lm.split_chunks(text, lm.PRESETS["smoke"].chunk_chars)
     assert r["vocab_size"] == len(set(train)) + 1
     assert math.isfinite(r["value"]) and r["value"] < records[0]["value"]
+
+
+def test_plan_of_the_quick_preset():
+
+    args = argparse.Namespace(preset="quick", variants=None, seeds=None, seed=5, text=None, device="cpu")
+    specs = lm.plan(args)
+    preset = lm.PRESETS["quick"]
+    assert len(specs) == len(lm.VARIANTS) * preset.seeds == 8
+    assert {(s.variant, s.seed) for s in specs} == {(v, k) for v in lm.VARIANTS for k in (5, 6)}
+    assert all(
+        s.config["width"] == 64 and s.config["mlr_ranks"] == [16, 8, 8] and s.config["text"] is None for s in specs
+    )
+    args = argparse.Namespace(preset="quick", variants=["gswa"], seeds=3, seed=0, text=None, device="cpu")
+    assert [(s.variant, s.seed) for s in lm.plan(args)] == [("gswa", 0), ("gswa", 1), ("gswa", 2)]

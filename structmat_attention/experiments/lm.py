@@ -131,7 +131,7 @@ class LMPreset:
 
 #: ``smoke``: seconds, for the tests (width 16, 2 heads of 8, 1 layer, T = 32, 10 steps, 100 kB of stdlib).
 #: ``quick``: the whole command (4 variants x 2 seeds, 2 runs at once with one thread each) in at most 8 minutes on a
-#: 2-core CPU: width 64, 2 heads of 32, 2 layers, T = 128, batch 16, 800 steps, MLR ranks 16|8|8 over levels global,
+#: 2-core CPU: width 64, 2 heads of 32, 2 layers, T = 128, batch 16, 1200 steps, MLR ranks 16|8|8 over levels global,
 #: 64, 32, window 32 (T/4), the first 4 MB of the stdlib sources. ``paper``: the paper's LM configuration as far as
 #: it is documented (6 layers, d_head 64, T = 1024, 32 x 1024 = 32k tokens per step, 100k steps, MLR ranks
 #: 32|8|6|4|4|4|4|2 over levels global, 512, 256, ..., 8, widths 256, 384, 512, 768, AdamW eps 1e-20), for a GPU.
@@ -163,10 +163,10 @@ PRESETS: dict[str, LMPreset] = {
         n_layers=2,
         seq_len=128,
         batch_size=16,
-        steps=800,
+        steps=1200,
         lr=3e-3,
         base_width=64,
-        warmup=30,
+        warmup=50,
         eval_every=100,
         eps=1e-8,
         mlr_ranks=(16, 8, 8),
