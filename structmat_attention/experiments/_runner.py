@@ -156,7 +156,9 @@ def run_experiment(
     if distributed() or any(s.device.startswith("cuda") for s in specs):
         jobs = 1
     jobs = max(1, min(jobs, len(specs)))
-    threads = threads or max(1, cpus // jobs)
+    # under torchrun the processes of one machine share its cores
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed() else 1
+    threads = threads or max(1, cpus // (jobs * local))
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.jsonl").write_text("")
@@ -164,12 +166,16 @@ def run_experiment(
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
     if jobs == 1:
+        before = torch.get_num_threads()
         torch.set_num_threads(threads)
-        for spec in specs:
-            got = execute(spec, progress=progress and lead)
-            records += got
-            if lead:
-                _report.write_records(out / "results.jsonl", got, mode="a")
+        try:
+            for spec in specs:
+                got = execute(spec, progress=progress and lead)
+                records += got
+                if lead:
+                    _report.write_records(out / "results.jsonl", got, mode="a")
+        finally:
+            torch.set_num_threads(before)
     else:
         import multiprocessing as mp
 

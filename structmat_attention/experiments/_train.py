@@ -304,19 +304,20 @@ def fit(
             g["lr"] = g["base_lr"] * factor
         batch = _to(shard(sample(step), index, count), device)
         value = loss(net, batch)
-        if not torch.isfinite(value):
-            raise FloatingPointError(f"{desc}: the training loss is {float(value)} at step {step}; lower the lr")
+        current = float(value.detach())
+        if not math.isfinite(current):
+            raise FloatingPointError(f"{desc}: the training loss is {current} at step {step}; lower the lr")
         opt.zero_grad(set_to_none=True)
         value.backward()
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
-        running += float(value.detach())
+        running += current
         seen += 1
         tokens += config.batch_size * per_example(step)
         if bar is not None:
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{float(value):.4g}", tok_s=f"{tokens / max(elapsed, 1e-9):.3g}", refresh=False)
+            bar.set_postfix(loss=f"{current:.4g}", tok_s=f"{tokens / max(elapsed, 1e-9):.3g}", refresh=False)
             bar.update(1)
         if step + 1 in evals:
             point(step + 1)

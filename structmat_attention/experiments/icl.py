@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+import structmat as sm
+
 from ..layers import bilinear_btt_attention, bilinear_mlr_attention, standard_attention
 from ..model import TransformerBlock
 from ._runner import RunSpec
@@ -254,7 +256,7 @@ def build_attention(variant: str, width: int, *, qk_norm: bool = True) -> torch.
     Example:
         >>> layer = build_attention("mlr-h2", 32)
         >>> layer.levels[0].op.name
-        'MultiLevelLowRank(32, 32, ranks=[8, 4, 4], blocks=[1, 2, 4], heads=2)'
+        'MLR(32, 32, ranks=[8, 4, 4], blocks=[1, 2, 4], heads=2)'
     """
     family, heads = parse_variant(variant)
     if width % heads:
@@ -368,12 +370,18 @@ def run_one(spec: RunSpec, progress: bool = True, position: int = 0) -> tuple[di
         "family": family,
         "n_heads": heads,
         "d_head": width // heads,
+        "qk_width": _qk_width(model.blocks[0].attn),
         "n_layers": c["n_layers"],
         "params": count_params(model.blocks),
         "flops_per_token": flops,
         "macs_per_token": macs,
     }
     return static, records
+
+
+def _qk_width(layer: Any) -> int:
+    """The query/key feature width per head: the cut width of the layer's split (``d_head`` for standard)."""
+    return sum(sm.bilinear_split(lv.op)[0].shape[0] for lv in layer.levels)
 
 
 def _attention(variant: str, qk_norm: bool, width: int) -> torch.nn.Module:
