@@ -229,12 +229,11 @@ def test_tinyshakespeare_via_text(tmp_path):
 
 
 def test_plan_of_the_quick_preset():
-
     args = argparse.Namespace(preset="quick", variants=None, seeds=None, seed=5, text=None, device="cpu")
     specs = lm.plan(args)
     preset = lm.PRESETS["quick"]
-    assert len(specs) == len(lm.VARIANTS) * preset.seeds == 8
-    assert {(s.variant, s.seed) for s in specs} == {(v, k) for v in lm.VARIANTS for k in (5, 6)}
+    assert len(specs) == len(lm.VARIANTS) * preset.seeds == 12
+    assert {(s.variant, s.seed) for s in specs} == {(v, k) for v in lm.VARIANTS for k in (5, 6, 7)}
     assert all(
         s.config["width"] == 64 and s.config["mlr_ranks"] == [16, 8, 8] and s.config["text"] is None for s in specs
     )

@@ -219,6 +219,8 @@ def plot_metric_vs_compute(
     With several input lengths (time series) there is one panel per length.
     """
     plt = _pyplot()
+    from matplotlib import ticker
+
     curves = _curves(records)
     lengths = sorted({k[2] for k in curves}, key=lambda v: v or 0)
     widths = len({k[1] for k in curves})
@@ -234,8 +236,11 @@ def plot_metric_vs_compute(
             ax.plot(xs, mean, label=_label(key, widths), color=colors[key[0]], marker="." if len(xs) < 30 else None)
             ax.fill_between(xs, low, high, color=colors[key[0]], alpha=0.15, linewidth=0)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         if logy:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+            ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.2g"))
         ax.set_xlabel("training compute (FLOPs, 3 x forward)")
         ax.set_ylabel(ylabel or (records[0].get("metric") or "metric"))
         ax.set_title(f"{title} (input length {length})" if length is not None else title)
@@ -270,10 +275,12 @@ def plot_final_vs(
     return Path(path)
 
 
-def draw_plots(records: Sequence[dict[str, Any]], out: Path, *, title: str, ylabel: str | None = None) -> list[Path]:
+def draw_plots(
+    records: Sequence[dict[str, Any]], out: Path, *, title: str, ylabel: str | None = None, logy: bool = True
+) -> list[Path]:
     """Every plot of a run directory: metric vs compute, and final metric vs input length when lengths vary."""
     out = Path(out)
-    paths = [plot_metric_vs_compute(records, out / "metric_vs_compute.png", title=title, ylabel=ylabel)]
+    paths = [plot_metric_vs_compute(records, out / "metric_vs_compute.png", title=title, ylabel=ylabel, logy=logy)]
     rows = final_results(records)
     if len({r.get("input_len") for r in rows}) > 1:
         paths.append(plot_final_vs(rows, "input_len", out / "metric_vs_input_length.png", title=title, ylabel=ylabel))

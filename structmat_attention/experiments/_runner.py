@@ -2,7 +2,8 @@
 
 An experiment module (``icl``, ``lm``, ``timeseries``) provides:
 
-- ``NAME`` and ``METRIC`` (the key of its ``evaluate`` dict that is the headline metric, lower is better),
+- ``NAME``, ``TITLE`` (the plots' title), ``LOG_METRIC`` (optional: a log metric axis, default True) and
+  ``METRIC`` (the key of its ``evaluate`` dict that is the headline metric, lower is better),
   ``METRIC_LABEL`` (the plots' axis label) and ``PRESETS`` (name -> preset);
 - ``add_arguments(parser)``: its own command-line options;
 - ``plan(args) -> list[RunSpec]``: one spec per (variant, seed, ...) from the parsed arguments;
@@ -210,7 +211,9 @@ def run_experiment(
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         log("\n" + _report.format_table(rows))
         if plots:
-            paths = _report.draw_plots(records, out, title=name, ylabel=module.METRIC_LABEL)
+            title = getattr(module, "TITLE", name)
+            logy = getattr(module, "LOG_METRIC", True)
+            paths = _report.draw_plots(records, out, title=title, ylabel=module.METRIC_LABEL, logy=logy)
             log("plots: " + ", ".join(str(p) for p in paths))
         log(f"wall time {wall:.1f} s; results in {out / 'results.jsonl'}, summary in {out / 'summary.json'}")
     return summary
@@ -223,12 +226,13 @@ def report(directory: Path, *, plots: bool = True, log: Any = print) -> list[dic
         raise ValueError(f"report: {directory} is not a directory")
     records = _report.read_records(directory / "results.jsonl")
     name = records[0].get("experiment", "experiment")
-    label = None
+    label, title, logy = None, name, True
     if name in EXPERIMENTS:
-        label = experiment_module(name).METRIC_LABEL
+        module = experiment_module(name)
+        label, title, logy = module.METRIC_LABEL, getattr(module, "TITLE", name), getattr(module, "LOG_METRIC", True)
     rows = _report.final_results(records)
     log(_report.format_table(rows))
     if plots:
-        paths = _report.draw_plots(records, directory, title=name, ylabel=label)
+        paths = _report.draw_plots(records, directory, title=title, ylabel=label, logy=logy)
         log("plots: " + ", ".join(str(p) for p in paths))
     return rows

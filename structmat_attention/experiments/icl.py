@@ -36,6 +36,7 @@ from ._train import TrainConfig, count_params, fit, transformer_cost, zero_atten
 
 __all__ = [
     "NAME",
+    "TITLE",
     "METRIC",
     "METRIC_LABEL",
     "ICLPreset",
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 NAME = "icl"
+TITLE = "In-context linear regression"
 METRIC = "last_mse"
 METRIC_LABEL = "squared error at the last position"
 
@@ -116,18 +118,19 @@ PRESETS: dict[str, ICLPreset] = {
     ),
     "quick": ICLPreset(
         d=8,
-        widths=(64,),
-        n_layers=4,
-        variants=("standard-h2", "standard-h16", "btt-h2", "mlr-h2"),
+        widths=(32,),
+        n_layers=3,
+        variants=("standard-h2", "standard-h8", "btt-h8", "mlr-h8"),
         seeds=3,
-        steps=3000,
+        steps=2500,
         batch_size=64,
         lr=1e-3,
         warmup=100,
         eval_every=250,
-        eval_prompts=1024,
+        eval_prompts=512,
         curriculum_dims=4,
         curriculum_points=8,
+        curriculum_fraction=0.4,
     ),
     "paper": ICLPreset(
         d=32,
@@ -271,21 +274,28 @@ def build_attention(variant: str, width: int, *, qk_norm: bool = True) -> torch.
 
 # -- the experiment ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--d`` (regression dimension), ``--widths``, ``--steps`` override the preset."""
+    """``--d`` (regression dimension), ``--widths``, ``--steps``, ``--layers``, ``--batch-size``, ``--lr`` override the
+    preset."""
     parser.add_argument("--d", type=int, default=None, help="regression dimension (default: the preset's)")
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="model widths (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per step (default: the preset's)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate at the width (default: the preset's)")
 
 
 def plan(args: argparse.Namespace) -> list[RunSpec]:
     """One :class:`RunSpec` per width, variant and seed."""
     preset = PRESETS[args.preset]
-    changes = {k: v for k, v in (("d", args.d), ("steps", args.steps)) if v is not None}
-    if args.widths:
-        changes["widths"] = tuple(args.widths)
+    given = {"d": args.d, "steps": args.steps, "n_layers": args.layers, "batch_size": args.batch_size, "lr": args.lr}
+    changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     for k, v in changes.items():
-        if k != "widths" and v < 1:
-            raise ValueError(f"icl: --{k} must be >= 1, got {v}")
+        if not v > 0:
+            raise ValueError(f"icl: {k} must be > 0, got {v}")
+    if args.widths:
+        if min(args.widths) < 1:
+            raise ValueError(f"icl: widths must be >= 1, got {args.widths}")
+        changes["widths"] = tuple(args.widths)
     preset = replace(preset, **changes)
     if preset.eval_every > preset.steps:
         preset = replace(preset, eval_every=preset.steps)
@@ -297,12 +307,17 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
                 raise ValueError(f"icl: variant {v!r} needs a width divisible by {heads} heads, got width {width}")
     seeds = args.seeds or preset.seeds
     config = asdict(preset)
-    return [
+    specs = [
         RunSpec(NAME, v, args.seed + s, args.preset, args.device, {**config, "width": width})
         for width in preset.widths
         for v in variants
         for s in range(seeds)
     ]
+    # the slowest runs first, so that parallel workers finish together: wide, then BTT, MLR, many heads
+    slow = {"btt": 0, "mlr": 1, "standard": 2}
+    return sorted(
+        specs, key=lambda r: (-r.config["width"], slow[parse_variant(r.variant)[0]], -parse_variant(r.variant)[1])
+    )
 
 
 def _curriculum(c: dict[str, Any], step: int) -> tuple[int, int]:

@@ -48,6 +48,8 @@ from ._train import TrainConfig, count_params, fit, transformer_cost, zero_atten
 
 __all__ = [
     "NAME",
+    "TITLE",
+    "LOG_METRIC",
     "METRIC",
     "METRIC_LABEL",
     "VARIANTS",
@@ -73,6 +75,9 @@ __all__ = [
 ]
 
 NAME = "lm"
+TITLE = "Character-level language modelling"
+#: Losses in nats are plotted on a linear axis.
+LOG_METRIC = False
 METRIC = "val_loss"
 METRIC_LABEL = "validation loss (nats/char)"
 #: The attention variants, in the order the presets run them.
@@ -174,7 +179,7 @@ PRESETS: dict[str, LMPreset] = {
         byte_budget=4_000_000,
         chunk_chars=20_000,
         val_windows=128,
-        seeds=2,
+        seeds=3,
     ),
     "paper": LMPreset(
         widths=(256, 384, 512, 768),
