@@ -279,3 +279,16 @@ def test_model_factory_partial_is_picklable():
 
     f = functools.partial(icl._attention, "btt-h2", True)
     assert pickle.loads(pickle.dumps(f))(16).n_heads == 2
+
+
+def test_final_results_select_by_validation():
+    recs = [
+        dict(variant="a", width=8, seed=s, step=t, value=v, val=u, metric="m", wall_time=float(t))
+        for s, t, v, u in [(0, 0, 5.0, 9.0), (0, 10, 1.0, 2.0), (0, 20, 3.0, 4.0), (1, 0, 4.0, 1.0), (1, 10, 2.0, 1.0)]
+    ]
+    last = _report.final_results(recs)[0]
+    assert last["values"] == [3.0, 2.0] and last["selected_steps"] == [20, 10]
+    chosen = _report.final_results(recs, select_by="val")[0]
+    # seed 0: lowest val at step 10; seed 1: a tie, the earliest point wins
+    assert chosen["values"] == [1.0, 4.0] and chosen["selected_steps"] == [10, 0] and chosen["selected_by"] == "val"
+    assert chosen["wall_time_mean"] == 15.0  # whole runs (20 and 10 s), not the chosen points

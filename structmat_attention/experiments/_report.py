@@ -103,8 +103,12 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def final_results(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per group, the last evaluation point of each seed, aggregated over seeds, best (lowest mean) first.
+def final_results(records: Sequence[dict[str, Any]], select_by: str | None = None) -> list[dict[str, Any]]:
+    """Per group, one evaluation point of each seed, aggregated over seeds, best (lowest mean) first.
+
+    The point is each seed's last one, or with ``select_by`` (e.g. ``"val_mse"``) the one with the lowest value of
+    that field (early stopping on a validation metric; the earliest on ties; seeds without the field keep the last).
+    ``selected_steps`` lists the chosen step of each seed.
 
     Example:
         >>> recs = [dict(variant="a", width=8, seed=s, step=t, value=v, metric="mse", params=10, flops_per_token=5,
@@ -114,10 +118,19 @@ def final_results(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ('a', 2, 2.0, 1.4142135623730951, [1.0, 3.0])
     """
     last: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = {}
+
+    def better(r: dict[str, Any], old: dict[str, Any]) -> bool:
+        if select_by is not None and isinstance(r.get(select_by), float) and isinstance(old.get(select_by), float):
+            return (r[select_by], r["step"]) < (old[select_by], old["step"])
+        return r["step"] > old["step"]
+
+    wall: dict[tuple[Any, ...], float] = {}
     for r in records:
         seeds = last.setdefault(group_key(r), {})
-        if r["seed"] not in seeds or r["step"] > seeds[r["seed"]]["step"]:
+        if r["seed"] not in seeds or better(r, seeds[r["seed"]]):
             seeds[r["seed"]] = r
+        key = (*group_key(r), r["seed"])
+        wall[key] = max(wall.get(key, 0.0), r.get("wall_time") or 0.0)
     rows = []
     for key, seeds in last.items():
         finals = [seeds[s] for s in sorted(seeds)]
@@ -133,8 +146,10 @@ def final_results(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             params=first.get("params"),
             flops_per_token=first.get("flops_per_token"),
             macs_per_token=first.get("macs_per_token"),
-            steps=first.get("step"),
-            wall_time_mean=statistics.fmean(f.get("wall_time", math.nan) for f in finals),
+            steps=max(f.get("step", 0) for f in finals),
+            selected_steps=[f.get("step") for f in finals],
+            selected_by=select_by or "last step",
+            wall_time_mean=statistics.fmean(wall[(*key, f["seed"])] for f in finals),  # whole runs
         )
         for extra in sorted(set(first) - set(RECORD_FIELDS) - set(GROUP_FIELDS) - {"lr"}):
             values_extra = [f.get(extra) for f in finals]
@@ -230,7 +245,9 @@ def plot_metric_vs_compute(
     for ax, length in zip(axes[0], lengths):
         for key in sorted((k for k in curves if k[2] == length), key=lambda k: (k[0], k[1] or 0)):
             pts = [p for p in curves[key] if p[0] > 0]
-            if not pts:
+            if not pts:  # no training compute (a baseline such as "naive"): a dashed level
+                if curves[key]:
+                    ax.axhline(curves[key][-1][1], color=colors[key[0]], linestyle="--", label=_label(key, widths))
                 continue
             xs, mean, low, high = zip(*pts)
             ax.plot(xs, mean, label=_label(key, widths), color=colors[key[0]], marker="." if len(xs) < 30 else None)
@@ -276,12 +293,18 @@ def plot_final_vs(
 
 
 def draw_plots(
-    records: Sequence[dict[str, Any]], out: Path, *, title: str, ylabel: str | None = None, logy: bool = True
+    records: Sequence[dict[str, Any]],
+    out: Path,
+    *,
+    title: str,
+    ylabel: str | None = None,
+    logy: bool = True,
+    select_by: str | None = None,
 ) -> list[Path]:
     """Every plot of a run directory: metric vs compute, and final metric vs input length when lengths vary."""
     out = Path(out)
     paths = [plot_metric_vs_compute(records, out / "metric_vs_compute.png", title=title, ylabel=ylabel, logy=logy)]
-    rows = final_results(records)
+    rows = final_results(records, select_by)
     if len({r.get("input_len") for r in rows}) > 1:
         paths.append(plot_final_vs(rows, "input_len", out / "metric_vs_input_length.png", title=title, ylabel=ylabel))
     return paths

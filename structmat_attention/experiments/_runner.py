@@ -2,7 +2,8 @@
 
 An experiment module (``icl``, ``lm``, ``timeseries``) provides:
 
-- ``NAME``, ``TITLE`` (the plots' title), ``LOG_METRIC`` (optional: a log metric axis, default True) and
+- ``NAME``, ``TITLE`` (the plots' title), ``LOG_METRIC`` (optional: a log metric axis, default True),
+  ``SELECT_BY`` (optional: report each seed's point with the lowest value of this field instead of its last) and
   ``METRIC`` (the key of its ``evaluate`` dict that is the headline metric, lower is better),
   ``METRIC_LABEL`` (the plots' axis label) and ``PRESETS`` (name -> preset);
 - ``add_arguments(parser)``: its own command-line options;
@@ -196,7 +197,8 @@ def run_experiment(
     if lead:
         records.sort(key=_sort_key)
         _report.write_records(out / "results.jsonl", records)
-        rows = _report.final_results(records)
+        select_by = getattr(module, "SELECT_BY", None)
+        rows = _report.final_results(records, select_by)
         summary = {
             "experiment": name,
             "metric": module.METRIC,
@@ -210,10 +212,14 @@ def run_experiment(
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         log("\n" + _report.format_table(rows))
+        if select_by:
+            log(f"(each seed's point with the lowest {select_by}: early stopping on validation)")
         if plots:
             title = getattr(module, "TITLE", name)
             logy = getattr(module, "LOG_METRIC", True)
-            paths = _report.draw_plots(records, out, title=title, ylabel=module.METRIC_LABEL, logy=logy)
+            paths = _report.draw_plots(
+                records, out, title=title, ylabel=module.METRIC_LABEL, logy=logy, select_by=select_by
+            )
             log("plots: " + ", ".join(str(p) for p in paths))
         log(f"wall time {wall:.1f} s; results in {out / 'results.jsonl'}, summary in {out / 'summary.json'}")
     return summary
@@ -226,13 +232,16 @@ def report(directory: Path, *, plots: bool = True, log: Any = print) -> list[dic
         raise ValueError(f"report: {directory} is not a directory")
     records = _report.read_records(directory / "results.jsonl")
     name = records[0].get("experiment", "experiment")
-    label, title, logy = None, name, True
+    label, title, logy, select_by = None, name, True, None
     if name in EXPERIMENTS:
         module = experiment_module(name)
-        label, title, logy = module.METRIC_LABEL, getattr(module, "TITLE", name), getattr(module, "LOG_METRIC", True)
-    rows = _report.final_results(records)
+        label, title = module.METRIC_LABEL, getattr(module, "TITLE", name)
+        logy, select_by = getattr(module, "LOG_METRIC", True), getattr(module, "SELECT_BY", None)
+    rows = _report.final_results(records, select_by)
     log(_report.format_table(rows))
+    if select_by:
+        log(f"(each seed's point with the lowest {select_by}: early stopping on validation)")
     if plots:
-        paths = _report.draw_plots(records, directory, title=title, ylabel=label, logy=logy)
+        paths = _report.draw_plots(records, directory, title=title, ylabel=label, logy=logy, select_by=select_by)
         log("plots: " + ", ".join(str(p) for p in paths))
     return rows
