@@ -259,14 +259,9 @@ def plot_metric_vs_compute(
             ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
             ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.2g"))
         ax.set_xlabel("training compute (FLOPs, 3 x forward)")
-        ax.set_ylabel(ylabel or (records[0].get("metric") or "metric"))
-        ax.set_title(f"{title} (input length {length})" if length is not None else title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+        _label_axes(ax, ylabel or records[0].get("metric"), f"{title} (input length {length})" if length else title)
+    return _save(plt, fig, path)
 
 
 def plot_final_vs(
@@ -282,10 +277,18 @@ def plot_final_vs(
         xs, mean, std = zip(*pts)
         ax.errorbar(xs, mean, yerr=std, label=variant, marker="o", capsize=3)
     ax.set_xlabel(field)
-    ax.set_ylabel(ylabel or (rows[0].get("metric") or "metric"))
-    ax.set_title(title)
     ax.grid(True, alpha=0.3)
+    _label_axes(ax, ylabel or rows[0].get("metric"), title)
+    return _save(plt, fig, path)
+
+
+def _label_axes(ax: Any, ylabel: str | None, title: str) -> None:
+    ax.set_ylabel(ylabel or "metric")
+    ax.set_title(title)
     ax.legend(fontsize=8)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
