@@ -285,3 +285,26 @@ def test_final_results_select_by_validation():
     # seed 0: lowest val at step 10; seed 1: a tie, the earliest point wins
     assert chosen["values"] == [1.0, 4.0] and chosen["selected_steps"] == [10, 0] and chosen["selected_by"] == "val"
     assert chosen["wall_time_mean"] == 15.0  # whole runs (20 and 10 s), not the chosen points
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["--steps", "0"], "steps must be > 0, got 0"),
+        (["--lr", "-1"], "lr must be > 0, got -1.0"),
+        (["--widths", "0"], "widths must be >= 1, got \\[0\\]"),
+    ],
+)
+def test_bad_numbers_on_the_command_line(tmp_path, capsys, extra, message):
+    assert main(["icl", "--preset", "smoke", "--out", str(tmp_path), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("structmat-attention icl: ") and message.replace("\\", "") in err
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_cuda(tmp_path, capsys):
+    assert main(["icl", "--preset", "smoke", "--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert "--device cuda but CUDA is not available" in capsys.readouterr().err
