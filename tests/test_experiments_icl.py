@@ -292,7 +292,8 @@ def test_final_results_select_by_validation():
     [
         (["--seeds", "0"], "--seeds must be >= 1, got 0"),
         (["--jobs", "0"], "--jobs must be >= 1, got 0"),
-        (["--steps", "0"], "steps must be > 0, got 0"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--eval-every", "-2"], "--eval-every must be >= 1, got -2"),
         (["--lr", "-1"], "lr must be > 0, got -1.0"),
         (["--widths", "0"], "widths must be >= 1, got \\[0\\]"),
     ],
@@ -308,3 +309,17 @@ def test_bad_numbers_on_the_command_line(tmp_path, capsys, extra, message):
 def test_cuda_requested_without_cuda(tmp_path, capsys):
     assert main(["icl", "--preset", "smoke", "--out", str(tmp_path), "--device", "cuda"]) == 2
     assert "--device cuda but CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("experiment", ["icl", "lm"])
+def test_steps_and_eval_every_on_the_command_line(tmp_path, experiment):
+    args = [experiment, "--preset", "smoke", "--out", str(tmp_path), "--no-progress", "--no-plots", "--jobs", "1"]
+    assert main([*args, "--steps", "4", "--eval-every", "3", "--seeds", "1", "--variants", icl_or_lm(experiment)]) == 0
+    records = _report.read_records(tmp_path / "results.jsonl")
+    assert [r["step"] for r in records] == [0, 3, 4]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert all(run["config"]["steps"] == 4 and run["config"]["warmup"] <= 4 for run in summary["runs"])
+
+
+def icl_or_lm(experiment: str) -> str:
+    return "btt-h1" if experiment == "icl" else "mlr"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ._runner import EXPERIMENTS, experiment_module, report, run_experiment
+from ._runner import EXPERIMENTS, experiment_module, report, run_experiment, with_budget
 
 __all__ = ["main", "build_parser"]
 
@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser, module: object) -> None:
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/<experiment>-<preset>)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the preset's)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: the preset's)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
     p.add_argument("--jobs", type=int, default=None, help="runs trained at once on CPU (default: one per core)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
@@ -82,14 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"structmat-attention {args.command}: --device {args.device} but CUDA is not available", file=sys.stderr)
         return 2
-    for flag in ("seeds", "jobs", "threads"):
+    for flag in ("seeds", "jobs", "threads", "steps", "eval_every"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            print(f"structmat-attention {args.command}: --{flag} must be >= 1, got {value}", file=sys.stderr)
+            name = flag.replace("_", "-")
+            print(f"structmat-attention {args.command}: --{name} must be >= 1, got {value}", file=sys.stderr)
             return 2
     args.device = _start_distributed(args.device)
     try:
-        specs = module.plan(args)
+        specs = with_budget(module.plan(args), args.steps, args.eval_every)
     except ValueError as e:
         print(f"structmat-attention {args.command}: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 from . import _report
 from ._train import FLOPS_CONVENTION, distributed, rank, world_size
 
-__all__ = ["RunSpec", "EXPERIMENTS", "experiment_module", "execute", "run_experiment", "report"]
+__all__ = ["RunSpec", "EXPERIMENTS", "experiment_module", "with_budget", "execute", "run_experiment", "report"]
 
 #: The experiments, by command name.
 EXPERIMENTS = {
@@ -68,6 +68,30 @@ def experiment_module(name: str) -> Any:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     return importlib.import_module(EXPERIMENTS[name])
+
+
+def with_budget(specs: Sequence[RunSpec], steps: int | None = None, eval_every: int | None = None) -> list[RunSpec]:
+    """The runs with another step budget and evaluation interval (every experiment's config has ``steps``,
+    ``eval_every`` and ``warmup``); warmup and the interval are capped at the steps.
+
+    Example:
+        >>> spec = RunSpec("icl", "btt-h2", 0, "quick", config=dict(steps=2000, eval_every=200, warmup=100))
+        >>> with_budget([spec], steps=50)[0].config
+        {'steps': 50, 'eval_every': 50, 'warmup': 50}
+    """
+    out = []
+    for spec in specs:
+        c = dict(spec.config)
+        if steps is not None:
+            c["steps"] = steps
+        if eval_every is not None:
+            c["eval_every"] = eval_every
+        if "steps" in c:
+            for key in ("eval_every", "warmup"):
+                if key in c:
+                    c[key] = min(c[key], c["steps"])
+        out.append(replace(spec, config=c))
+    return out
 
 
 def execute(spec: RunSpec, progress: bool = True, position: int = 0) -> list[dict[str, Any]]:

@@ -274,11 +274,10 @@ def build_attention(variant: str, width: int, *, qk_norm: bool = True) -> torch.
 
 # -- the experiment ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--d`` (regression dimension), ``--widths``, ``--steps``, ``--layers``, ``--batch-size``, ``--lr`` override the
-    preset."""
+    """``--d`` (regression dimension), ``--widths``, ``--layers``, ``--batch-size``, ``--lr`` override the preset
+    (``--steps`` and ``--eval-every`` are common to every experiment)."""
     parser.add_argument("--d", type=int, default=None, help="regression dimension (default: the preset's)")
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="model widths (default: the preset's)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per step (default: the preset's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate at the width (default: the preset's)")
@@ -287,7 +286,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def plan(args: argparse.Namespace) -> list[RunSpec]:
     """One :class:`RunSpec` per width, variant and seed."""
     preset = PRESETS[args.preset]
-    given = {"d": args.d, "steps": args.steps, "n_layers": args.layers, "batch_size": args.batch_size, "lr": args.lr}
+    given = {"d": args.d, "n_layers": args.layers, "batch_size": args.batch_size, "lr": args.lr}
     changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     for k, v in changes.items():
         if not v > 0:
@@ -297,8 +296,6 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
             raise ValueError(f"icl: widths must be >= 1, got {args.widths}")
         changes["widths"] = tuple(args.widths)
     preset = replace(preset, **changes)
-    if preset.eval_every > preset.steps:
-        preset = replace(preset, eval_every=preset.steps)
     variants = list(args.variants or preset.variants)
     for v in variants:
         family, heads = parse_variant(v)
