@@ -281,7 +281,7 @@ def fit(
                 total /= count
             train_loss = float(total[0] / total[1])
         running, seen = 0.0, 0
-        model.eval()
+        model.train(False)  # evaluation mode
         with torch.no_grad():
             metrics = evaluate(model)
         model.train()
