@@ -42,7 +42,7 @@ def test_regression_task_curriculum_zeros_the_extra_coordinates():
     assert abs(float(y.square().mean()) - 2 / 6) < 0.03  # E[y^2] = dims / d
     with pytest.raises(ValueError, match=r"dims must be in 1 \.\. d=6, got 7"):
         icl.RegressionTask(6).sample(torch.Generator(), 1, 2, dims=7)
-    with pytest.raises(ValueError, match=r"RegressionTask: d must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"RegressionTask: d must be >= 1, got 0"):
         icl.RegressionTask(0)
 
 
@@ -116,7 +116,7 @@ def test_train_config_checks_and_schedule():
     assert c.eval_steps() == [0, 4, 8, 10]
     assert [round(c.lr_factor(s), 6) for s in (0, 1)] == [0.5, 1.0]
     assert c.lr_factor(2) == pytest.approx(1.0) and c.lr_factor(10) == pytest.approx(0.1)
-    with pytest.raises(ValueError, match=r"TrainConfig: steps must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"TrainConfig: steps must be >= 1, got 0"):
         TrainConfig(steps=0, batch_size=4, lr=1e-2, base_width=8, eval_every=4)
     with pytest.raises(ValueError, match=r"TrainConfig: lr must be a finite number > 0, got nan"):
         TrainConfig(steps=3, batch_size=4, lr=float("nan"), base_width=8, eval_every=4)

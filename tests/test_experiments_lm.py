@@ -58,7 +58,7 @@ def test_stdlib_text_deterministic_and_within_budget(tmp_path):
         if len(data) >= 20_000:
             break
     assert first == data[:20_000].decode("utf-8", errors="replace")
-    with pytest.raises(ValueError, match=r"lm.stdlib_text: byte_budget must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"lm.stdlib_text: byte_budget must be >= 1, got 0"):
         lm.stdlib_text(0)
 
 

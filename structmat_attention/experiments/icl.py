@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 import structmat as sm
+from structmat._factors import check_int
 
 from ..layers import bilinear_btt_attention, bilinear_mlr_attention, standard_attention
 from ..model import TransformerBlock
@@ -167,9 +168,7 @@ class RegressionTask:
     """
 
     def __init__(self, d: int) -> None:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ValueError(f"RegressionTask: d must be an int >= 1, got {d!r}")
-        self.d = d
+        self.d = check_int("RegressionTask", "d", d)
 
     def sample(
         self, generator: torch.Generator, batch: int, points: int, dims: int | None = None

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from structmat._factors import check_int
+
 from ..layers import gswa_attention, mlr_attention, sliding_window_attention, standard_attention
 from ..model import GPT
 from ._runner import RunSpec
@@ -272,8 +274,7 @@ def stdlib_text(byte_budget: int, root: str | Path | None = None) -> str:
         >>> stdlib_text(100) == first
         True
     """
-    if isinstance(byte_budget, bool) or not isinstance(byte_budget, int) or byte_budget < 1:
-        raise ValueError(f"lm.stdlib_text: byte_budget must be an int >= 1, got {byte_budget!r}")
+    byte_budget = check_int("lm.stdlib_text", "byte_budget", byte_budget)
     parts: list[bytes] = []
     left = byte_budget
     for path in stdlib_files(root):
@@ -306,8 +307,7 @@ def split_chunks(text: str, chunk_chars: int) -> tuple[str, str]:
         >>> split_chunks("abcdefghijklmnopqrstuvwxyz", 2)
         ('abcdefghijklmnopqruvwxyz', 'st')
     """
-    if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 1:
-        raise ValueError(f"lm.split_chunks: chunk_chars must be an int >= 1, got {chunk_chars!r}")
+    chunk_chars = check_int("lm.split_chunks", "chunk_chars", chunk_chars)
     train, val = [], []
     for k, start in enumerate(range(0, len(text), chunk_chars)):
         (val if k % 10 == 9 else train).append(text[start : start + chunk_chars])

@@ -56,6 +56,8 @@ from typing import Any
 
 import torch
 
+from structmat._factors import check_int
+
 from ..layers import mlr_attention, standard_attention
 from ..model import TransformerBlock
 from ._runner import RunSpec
@@ -283,14 +285,6 @@ class ETTData:
         return self.series[start:end]
 
 
-def _check_length(where: str, what: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: {what} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{where}: {what} must be >= 1, got {value}")
-    return value
-
-
 def load_ett(path: str | Path, input_len: int, horizon: int) -> ETTData:
     """Read an ETT CSV's OT column and cut the standard split, standardized with the training rows.
 
@@ -300,8 +294,8 @@ def load_ett(path: str | Path, input_len: int, horizon: int) -> ETTData:
         TypeError: ``input_len`` or ``horizon`` is not an int.
     """
     where = f"timeseries: {path}"
-    input_len = _check_length(where, "input_len", input_len)
-    horizon = _check_length(where, "horizon", horizon)
+    input_len = check_int(where, "input_len", input_len)
+    horizon = check_int(where, "horizon", horizon)
     _, values = read_ett_ot(path)
     n_train, n_val, n_test = SPLIT_ROWS["train"], SPLIT_ROWS["val"], SPLIT_ROWS["test"]
     needed = n_train + n_val + n_test
@@ -397,8 +391,8 @@ class DLinear(torch.nn.Module):
 
     def __init__(self, input_len: int, horizon: int, kernel: int = 25) -> None:
         super().__init__()
-        self.input_len = _check_length("DLinear", "input_len", input_len)
-        self.horizon = _check_length("DLinear", "horizon", horizon)
+        self.input_len = check_int("DLinear", "input_len", input_len)
+        self.horizon = check_int("DLinear", "horizon", horizon)
         moving_average(torch.zeros(1, 1), kernel)  # validate the kernel
         self.kernel = kernel
         self.trend = torch.nn.Linear(input_len, horizon)
@@ -424,7 +418,7 @@ class NaiveLast(torch.nn.Module):
 
     def __init__(self, horizon: int) -> None:
         super().__init__()
-        self.horizon = _check_length("NaiveLast", "horizon", horizon)
+        self.horizon = check_int("NaiveLast", "horizon", horizon)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, L) -> (B, H)``."""
@@ -440,7 +434,7 @@ def n_patches(input_len: int, patch_len: int, stride: int) -> int:
     """
     where = f"n_patches(input_len={input_len}, patch_len={patch_len}, stride={stride})"
     for what, v in (("input_len", input_len), ("patch_len", patch_len), ("stride", stride)):
-        _check_length(where, what, v)
+        check_int(where, what, v)
     if patch_len > input_len:
         raise ValueError(f"{where}: patch_len must be <= input_len")
     return (input_len - patch_len) // stride + 1
@@ -485,12 +479,12 @@ class PatchTransformer(torch.nn.Module):
         super().__init__()
         where = f"PatchTransformer(input_len={input_len}, attention={attention!r})"
         self.input_len = input_len
-        self.horizon = _check_length(where, "horizon", horizon)
+        self.horizon = check_int(where, "horizon", horizon)
         self.patch_len, self.stride = patch_len, stride
         self.n_patches = n = n_patches(input_len, patch_len, stride)
         self.span = patch_len + stride * (n - 1)
-        width = _check_length(where, "width", width)
-        depth = _check_length(where, "depth", depth)
+        width = check_int(where, "width", width)
+        depth = check_int(where, "depth", depth)
         # The patch embedding is a plain parameter (not an nn.Linear): µP treats it as an input weight, lr unscaled.
         self.patch_weight = torch.nn.Parameter(torch.randn(patch_len, width) / math.sqrt(patch_len))
         self.patch_bias = torch.nn.Parameter(torch.zeros(width))
