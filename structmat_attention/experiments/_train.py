@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from structmat._factors import check_int
 from structmat.init import mup_param_groups
 
 from ..layers import StructuredAttention
@@ -79,9 +80,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "base_width", "eval_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig: {name} must be an int >= 1, got {value!r}")
+            check_int("TrainConfig", name, getattr(self, name))
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or not 0 <= self.warmup <= self.steps:
             raise ValueError(f"TrainConfig: warmup must be an int in 0 .. steps={self.steps}, got {self.warmup!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -240,7 +239,8 @@ def fit(
         config: the optimization settings.
         sample: ``sample(step)`` -> the global batch of that step (tensors with the examples on dim 0).
         loss: ``loss(model, batch)`` -> the mean loss over the batch's examples (a scalar tensor).
-        evaluate: ``evaluate(model)`` -> metrics; called under ``torch.no_grad()`` in eval mode on every process.
+        evaluate: ``evaluate(model)`` -> metrics; called under ``torch.no_grad()`` in eval mode on rank 0, whose
+            metrics every process records.
         tokens_per_example: tokens an example holds (for tokens/s and the compute axis), or ``f(step)`` when the
             length changes with the step (a curriculum).
         device: where to train.
@@ -281,10 +281,16 @@ def fit(
                 total /= count
             train_loss = float(total[0] / total[1])
         running, seen = 0.0, 0
-        model.train(False)  # evaluation mode
-        with torch.no_grad():
-            metrics = evaluate(model)
-        model.train()
+        metrics: dict[str, float] = {}
+        if index == 0:  # rank 0 evaluates; the others receive its metrics
+            model.train(False)  # evaluation mode
+            with torch.no_grad():
+                metrics = evaluate(model)
+            model.train()
+        if distributed():
+            shared = [metrics]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
         records.append(
             {
                 "step": step,
