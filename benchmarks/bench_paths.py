@@ -13,7 +13,10 @@ For each case (a product of operators that fuses into one network), at a few bat
 Then a table of planning time against the number of operands for opt_einsum's searches and ours, on three network
 shapes: chains of matrices, Kronecker products (every factor meets only the input) and random connected networks.
 
-Run: ``python benchmarks/bench_paths.py [--min-run-time 0.2] [--skip-timing]``.
+Run: ``python benchmarks/bench_paths.py [--min-run-time 0.2] [--skip-timing]``. ``suite(size)`` gives the rows of
+``python -m benchmarks``: per case and batch, the planning time (mode "plan", against opt_einsum's search) and the
+apply time (against the chain and a dense matrix); planning time on the three network shapes at 6, 10, 14 and 17
+operands (against opt_einsum's ``dp``).
 """
 
 from __future__ import annotations
@@ -227,6 +230,106 @@ def planning_table(max_operands: int, limit_s: float) -> None:
                 base = base or flops
                 cells.append(f"{ms:9.1f} ({flops / base:5.3f})")
             print(f"{family.__name__[:-4]:8} {n:3} " + " ".join(cells), flush=True)
+
+
+def _plan_ms(ops: list[sm.LinearOperator], batch: int, repeats: int) -> tuple[float, Any]:
+    """Median ms of the first cost query of a freshly fused product (its plan is built then), and that cost."""
+    times, cost = [], None
+    for _ in range(repeats):
+        fused = functools.reduce(operator.matmul, ops)
+        start = time.perf_counter()
+        cost = fused.cost(batch)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2], cost
+
+
+def _row(case: str, mode: str, ours_ms: float, baseline: str, baseline_ms: float | None, note: str, **kw: Any) -> Any:
+    row = dict(group="paths", case=case, mode=mode, ours_ms=ours_ms, baseline=baseline, baseline_ms=baseline_ms)
+    row.update(dense_ms=None, flops=None, bytes=None, checked=True, note=note)
+    row.update(kw)
+    return row
+
+
+def suite(size: str = "full") -> list[dict[str, Any]]:
+    """Rows for ``python -m benchmarks`` (smoke: the first case at batch 1 and the 6-operand networks)."""
+    smoke = size == "smoke"
+    limit = 0.5 if smoke else 2.0  # seconds for an opt_einsum search; over it the baseline is left out
+    repeats, min_run_time = (1, 0.005) if smoke else (3, 0.05)
+    rows = []
+    chosen = cases()[:1] if smoke else cases()
+    for name, ops, batches in chosen:
+        for batch in batches[:1] if smoke else batches:
+            plan_ms, cost = _plan_ms(ops, batch, repeats)
+            (c,) = cost.contractions
+            found, opt_ms = limited(functools.partial(opt_path, c.equation, c.shapes), limit)
+            opt = f"{int(found[1].opt_cost):,}" if found is not None else f"- (over {limit:g} s)"
+            rows.append(
+                _row(
+                    f"{name} B={batch} planning",
+                    "plan",
+                    plan_ms,
+                    "opt_einsum " + ("optimal" if len(c.shapes) <= 7 else "dp+outer"),
+                    opt_ms if found is not None else None,
+                    f"{len(c.shapes)} operands; path flops ours {cost.flops:,}, opt_einsum {opt}",
+                )
+            )
+            rows.append(_apply_row(name, ops, batch, min_run_time))
+    for family in (chain_net, kron_net, random_net):
+        for n in (6,) if smoke else (6, 10, 14, 17):
+            eq, shapes = family(n, 32)
+            times = []
+            for _ in range(repeats):
+                out, ms = limited(functools.partial(_paths.best_path, eq, shapes), 60.0)
+                times.append(ms)
+            ours_ms = sorted(times)[len(times) // 2]
+            found, dp_ms = limited(functools.partial(oe.contract_path, eq, *shapes, shapes=True, optimize="dp"), limit)
+            rel = f"{int(found[1].opt_cost) / int(out[1].opt_cost):.3f}" if found is not None else "-"
+            rows.append(
+                _row(
+                    f"{family.__name__[:-4]} network, {n} operands, B=32, planning",
+                    "plan",
+                    ours_ms,
+                    "opt_einsum dp",
+                    dp_ms if found is not None else None,
+                    f"path flops dp / ours {rel}" + ("" if found is not None else f"; dp over {limit:g} s"),
+                )
+            )
+    return rows
+
+
+def _apply_row(name: str, ops: list[sm.LinearOperator], batch: int, min_run_time: float) -> dict[str, Any]:
+    """``op(x)`` of the fused product against the parts applied one at a time and against its dense matrix."""
+    fused = functools.reduce(operator.matmul, ops)
+    x = torch.randn(batch, fused.shape[1])
+
+    def chain() -> torch.Tensor:
+        y = x
+        for op in reversed(ops):
+            y = op(y)
+        return y
+
+    with torch.no_grad():
+        W = fused.dense()
+        expected = chain()
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(x @ W.T, expected, rtol=1e-4, atol=1e-4)
+        best = {"ours": float("inf"), "chain": float("inf"), "dense": float("inf")}
+        for _ in range(2):
+            best["ours"] = min(best["ours"], timed(lambda: fused(x), min_run_time))
+            best["chain"] = min(best["chain"], timed(chain, min_run_time))
+            best["dense"] = min(best["dense"], timed(lambda: torch.nn.functional.linear(x, W), min_run_time))
+    m, n = fused.shape
+    return _row(
+        f"{name} B={batch}",
+        "fwd",
+        best["ours"] / 1e3,
+        "chain (parts one at a time)",
+        best["chain"] / 1e3,
+        "no_grad; 1 thread",
+        dense_ms=best["dense"] / 1e3,
+        flops=fused.cost(batch).flops,
+        bytes=4 * (batch * (m + n) + sum(op.num_params for op in ops)),
+    )
 
 
 def main() -> None:

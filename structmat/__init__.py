@@ -11,7 +11,8 @@ Example:
 
 from . import init
 from ._base import LinearOperator
-from ._cost import Contraction, Cost, Rank
+from ._bench import BenchResult, bench
+from ._cost import Contraction, Cost, Rank, Timing
 from .bilinear import bilinear_split
 from .combinators import BlockDiagonal, Kronecker, Product, Scaled, Sum, Transpose, block_diag, kron
 from .expr import parse, to_expr
@@ -43,6 +44,9 @@ __all__ = [
     "Cost",
     "Rank",
     "Contraction",
+    "Timing",
+    "bench",
+    "BenchResult",
     "Dense",
     "Diagonal",
     "Identity",

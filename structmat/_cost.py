@@ -1,10 +1,10 @@
-"""Result objects of the shape-only queries: :class:`Cost` and :class:`Rank`."""
+"""Result objects of the queries: :class:`Cost` (with an optional measured :class:`Timing`) and :class:`Rank`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Cost", "Rank", "Contraction"]
+__all__ = ["Cost", "Rank", "Contraction", "Timing"]
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,63 @@ class Contraction:
     flops: int
     macs: int
     largest_intermediate: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Measured time of applying an operator against the same map as a dense matrix, side by side on this machine.
+
+    Made by :func:`structmat.bench` (``BenchResult.timing``); a :class:`Cost` carries one when it was measured.
+
+    Attributes:
+        seconds: median seconds per call of the operator (forward, or forward + backward when ``backward``).
+        dense_seconds: the same for the dense matrix (``torch.nn.functional.linear(x, W)``), timed interleaved.
+        threads: torch's intra-op thread count during the timing.
+        dtype: the dtype timed, e.g. ``"float32"``.
+        backward: True when forward + backward was timed.
+
+    Example:
+        >>> from structmat import Timing
+        >>> t = Timing(seconds=0.001, dense_seconds=0.0018, threads=1, dtype="float32")
+        >>> t.ratio, t.verdict
+        (0.5555555555555556, '1.8x faster than dense')
+        >>> Timing(seconds=0.002, dense_seconds=0.001, threads=1, dtype="float32").verdict
+        '2x slower than dense: use dense here'
+    """
+
+    seconds: float
+    dense_seconds: float
+    threads: int
+    dtype: str
+    backward: bool = False
+
+    @property
+    def ratio(self) -> float:
+        """``seconds / dense_seconds``: below 1 the operator is faster than dense."""
+        return self.seconds / self.dense_seconds
+
+    @property
+    def speedup(self) -> float:
+        """``dense_seconds / seconds``: above 1 the operator is faster than dense."""
+        return self.dense_seconds / self.seconds
+
+    @property
+    def verdict(self) -> str:
+        """One line for a reader: ``"1.8x faster than dense"``, ``"as fast as dense (within 5%)"`` or
+        ``"1.3x slower than dense: use dense here"``."""
+        if 1 / 1.05 <= self.speedup <= 1.05:
+            return "as fast as dense (within 5%)"
+        if self.speedup > 1:
+            return f"{self.speedup:.2g}x faster than dense"
+        return f"{1 / self.speedup:.2g}x slower than dense: use dense here"
+
+    def __str__(self) -> str:
+        mode = "forward+backward" if self.backward else "forward"
+        threads = f"{self.threads} thread" + ("s" if self.threads != 1 else "")
+        return (
+            f"{self.seconds * 1e3:.4g} ms vs dense {self.dense_seconds * 1e3:.4g} ms ({mode}, {self.dtype}, "
+            f"{threads}): {self.verdict}"
+        )
 
 
 @dataclass(frozen=True)
@@ -35,6 +92,8 @@ class Cost:
         largest_intermediate: the most elements any intermediate tensor holds (inputs excluded).
         contractions: every einsum, in execution order, with its opt_einsum path.
         heads: H for a stack of H operators, else None.
+        timing: the measured time against a dense matrix on this machine (``op.cost(batch, measure=True)``), else
+            None.
     """
 
     shape: tuple[int, int]
@@ -44,6 +103,7 @@ class Cost:
     largest_intermediate: int
     contractions: tuple[Contraction, ...] = field(default=())
     heads: int | None = None
+    timing: Timing | None = None
 
     @property
     def dense_flops(self) -> int:
@@ -72,6 +132,8 @@ class Cost:
         ]
         for k, c in enumerate(self.contractions):
             lines.append(f"  einsum {k}: {c.equation}  path {list(c.path)}  flops {c.flops:,}")
+        if self.timing is not None:
+            lines.append(f"  Measured: {self.timing}")
         return "\n".join(lines)
 
 

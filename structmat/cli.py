@@ -1,9 +1,13 @@
-"""The ``structmat`` command line: ``structmat info "EXPR" [--batch B] [--json]``.
+"""The ``structmat`` command line: ``structmat info "EXPR" [--batch B] [--json]`` and ``structmat bench ...``.
 
 ``info`` builds the operator an expression describes on torch's ``meta`` device (no parameter memory is allocated,
 so a ``1000000 x 1000000`` operator is as quick to describe as a small one) and prints what the structure alone
 says: the operator tree, the rank bound, the parameter count, FLOPs and MACs for a batch, opt_einsum's contraction
 path for every einsum, and the speedup over a dense matrix of the same shape.
+
+``bench`` builds the operator for real and times it against the same map as a dense matrix on this machine
+(:func:`structmat.bench`); ``bench --suite`` runs the project's benchmark suite (``python -m benchmarks``, from a
+source checkout).
 
 Example:
     >>> from structmat.cli import main
@@ -21,10 +25,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from ._base import LinearOperator
+from ._bench import bench
 from .expr import REGISTRY, parse, to_expr
 
 __all__ = ["main", "info", "EXIT_BROKEN_PIPE"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 #: Exit status when the reader of stdout goes away early (``structmat info ... | head``): 128 + SIGPIPE, what a shell
 #: reports for a tool that SIGPIPE ended, so that ``set -o pipefail`` scripts still see that the output was cut.
@@ -34,6 +43,8 @@ _EPILOG = """examples:
   structmat info "dense(1024, 16) @ dense(16, 1024)"
   structmat info "kron(dense(32, 32), dense(32, 32)) + 0.5 * identity(1024)" --batch 64
   structmat info "dense(1000000, 8) @ dense(8, 1000000)" --json
+  structmat bench "btt(1024, 1024, ranks=1)" --batch 1024 --backward
+  structmat bench --suite --size smoke
 """
 
 
@@ -62,6 +73,35 @@ def _parser() -> argparse.ArgumentParser:
         "--batch", type=_positive_int, default=1, metavar="B", help="number of input vectors (default: 1)"
     )
     info_parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    bench_parser = sub.add_parser(
+        "bench",
+        help="time the operator an expression builds against a dense matrix on this machine; --suite: all benchmarks",
+        description="Build EXPR (random parameters) and time it against the same map as a dense matrix, side by "
+        "side in this process, after checking that both agree. With --suite instead of EXPR, run the benchmark "
+        "suite (python -m benchmarks, from a source checkout) and write results.json and results.md.",
+    )
+    bench_parser.add_argument("expr", metavar="EXPR", nargs="?", help="an operator expression (as for info)")
+    bench_parser.add_argument(
+        "--batch", type=_positive_int, default=64, metavar="B", help="number of input vectors (default: 64)"
+    )
+    bench_parser.add_argument("--backward", action="store_true", help="time forward + backward")
+    bench_parser.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N", help="torch threads (default: torch's current)"
+    )
+    bench_parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="(default: float32)")
+    bench_parser.add_argument(
+        "--min-run-time", type=_positive_float, default=0.2, metavar="S", help="seconds per timing (default: 0.2)"
+    )
+    bench_parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    bench_parser.add_argument("--suite", action="store_true", help="run the benchmark suite instead of EXPR")
+    bench_parser.add_argument(
+        "--size", choices=("smoke", "full"), default="full", help="suite size (default: full, about 10 minutes)"
+    )
+    bench_parser.add_argument(
+        "--out", metavar="DIR", default=None, help="suite output folder (default: benchmarks/results)"
+    )
+    bench_parser.add_argument("--only", nargs="+", metavar="GROUP", default=None, help="suite groups to run")
     return parser
 
 
@@ -72,6 +112,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -186,6 +236,8 @@ def _run(argv: Sequence[str] | None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2): report the status instead of exiting
         sys.stdout.flush()  # argparse ignores a failed write of the help; a closed pipe shows here
         return int(e.code or 0)
+    if args.command == "bench":
+        return _bench(args)
     if args.command != "info":
         parser.print_help(sys.stderr)
         return 2
@@ -198,3 +250,65 @@ def _run(argv: Sequence[str] | None) -> int:
     print(json.dumps(facts) if args.json else _text(op, facts))
     sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.suite:
+        if args.expr is not None:
+            print("structmat bench: give EXPR or --suite, not both", file=sys.stderr)
+            return 2
+        return _suite(args)
+    if args.expr is None:
+        print("structmat bench: give an expression (EXPR) or --suite", file=sys.stderr)
+        return 2
+    extra = [f for f, v in (("--out", args.out), ("--only", args.only)) if v is not None]
+    if extra:
+        print(f"structmat bench: {', '.join(extra)} only go with --suite", file=sys.stderr)
+        return 2
+    try:
+        op = parse(args.expr, dtype=_DTYPES[args.dtype])
+        result = bench(
+            op,
+            args.batch,
+            backward=args.backward,
+            threads=args.threads,
+            min_run_time=args.min_run_time,
+        )
+    except (ValueError, TypeError, RuntimeError) as e:
+        print(f"structmat bench: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        facts = result.to_dict()
+        try:
+            facts["expr"] = to_expr(op)
+        except ValueError:
+            facts["expr"] = args.expr
+        print(json.dumps(facts))
+    else:
+        print(result)
+    sys.stdout.flush()
+    return 0
+
+
+def _suite(args: argparse.Namespace) -> int:
+    """Run ``python -m benchmarks`` from the source checkout this package was loaded from."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        print(
+            f"structmat bench --suite: the benchmark suite lives in a source checkout's benchmarks/ folder; there is "
+            f"none next to this installation ({root})",
+            file=sys.stderr,
+        )
+        return 2
+    command = [sys.executable, "-m", "benchmarks", "--size", args.size]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    if args.out is not None:
+        command += ["--out", str(Path(args.out).resolve())]
+    if args.only:
+        command += ["--only", *args.only]
+    sys.stdout.flush()
+    return subprocess.call(command, cwd=root)
