@@ -39,6 +39,7 @@ class BenchResult:
         heads: H for a stack of H operators, else None.
         batch: number of input vectors per call.
         backward: True when forward + backward was timed.
+        inference: True when the forward ran under ``torch.inference_mode()`` (else ``torch.no_grad()``).
         dtype: the dtype timed.
         threads: torch's intra-op thread count during the timing.
         seconds: median seconds per call of the operator.
@@ -52,6 +53,7 @@ class BenchResult:
     heads: int | None
     batch: int
     backward: bool
+    inference: bool
     dtype: torch.dtype
     threads: int
     seconds: float
@@ -68,6 +70,7 @@ class BenchResult:
             threads=self.threads,
             dtype=str(self.dtype).removeprefix("torch."),
             backward=self.backward,
+            inference=self.inference,
         )
 
     @property
@@ -119,7 +122,7 @@ class BenchResult:
     def __str__(self) -> str:
         m, n = self.shape
         heads = f", heads {self.heads}" if self.heads is not None else ""
-        mode = "forward+backward" if self.backward else "forward"
+        mode = "forward+backward" if self.backward else "forward, inference mode" if self.inference else "forward"
         dtype = str(self.dtype).removeprefix("torch.")
         rows = [
             ("ours", self.seconds, self.flops, self.gflops),
@@ -139,6 +142,7 @@ def bench(
     batch: int = 64,
     *,
     backward: bool = False,
+    inference: bool = False,
     dtype: torch.dtype | None = None,
     threads: int | None = None,
     min_run_time: float = 0.2,
@@ -153,13 +157,17 @@ def bench(
     are timed with ``torch.utils.benchmark`` (``blocked_autorange``), interleaved for ``rounds`` rounds, each keeping
     its best median (the least disturbed by neighbours on a shared machine).
 
-    With ``backward=True`` a call is forward + backward: ``torch.autograd.grad`` of the output (against a fixed
-    random cotangent) with respect to the input and every parameter that requires grad (for dense, ``x`` and ``W``).
+    A forward-only call runs under ``torch.no_grad()``, or with ``inference=True`` under ``torch.inference_mode()``,
+    where a network may contract its weight-only parts once and keep them (see ``LinearOperator.freeze``); the dense
+    matrix runs in the same mode. With ``backward=True`` a call is forward + backward: ``torch.autograd.grad`` of the
+    output (against a fixed random cotangent) with respect to the input and every parameter that requires grad (for
+    dense, ``x`` and ``W``). ``flops`` is the ordinary plan's forward count (``op.cost(batch)``) in every mode.
 
     Args:
         op: the operator (its parameters on the device to time on; not on ``meta``).
         batch: number of input vectors per call.
         backward: time forward + backward instead of forward only.
+        inference: time the forward under ``torch.inference_mode()`` (not with ``backward``).
         dtype: the floating-point dtype to time in; the operator is copied to it when its parameters have another
             (default: the operator's dtype, torch's default for an operator without parameters).
         threads: torch's intra-op thread count for the timing (default: the current one).
@@ -191,8 +199,11 @@ def bench(
     rounds = check_int(who, "rounds", rounds)
     if threads is not None:
         threads = check_int(who, "threads", threads)
-    if not isinstance(backward, bool):
-        raise TypeError(f"{who}: backward must be a bool, got {type(backward).__name__}")
+    for flag, value in (("backward", backward), ("inference", inference)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{who}: {flag} must be a bool, got {type(value).__name__}")
+    if backward and inference:
+        raise ValueError(f"{who}: backward=True and inference=True exclude each other (no gradients in inference mode)")
     if isinstance(min_run_time, bool) or not isinstance(min_run_time, numbers.Real):
         raise TypeError(f"{who}: min_run_time must be a number of seconds, got {type(min_run_time).__name__}")
     if not (math.isfinite(min_run_time) and min_run_time > 0):
@@ -220,7 +231,7 @@ def bench(
     threads = threads or before
     try:
         torch.set_num_threads(threads)
-        ours, dense = _callables(op, batch, dtype, backward, who)
+        ours, dense = _callables(op, batch, dtype, backward, inference, who)
         best = _interleaved({"ours": ours, "dense": dense}, threads, min_run_time, rounds)
     finally:
         torch.set_num_threads(before)
@@ -230,6 +241,7 @@ def bench(
         heads=heads,
         batch=batch,
         backward=backward,
+        inference=inference,
         dtype=dtype,
         threads=threads,
         seconds=best["ours"],
@@ -240,7 +252,7 @@ def bench(
 
 
 def _callables(
-    op: LinearOperator, batch: int, dtype: torch.dtype, backward: bool, who: str
+    op: LinearOperator, batch: int, dtype: torch.dtype, backward: bool, inference: bool, who: str
 ) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """The two timed calls, after checking that they compute the same thing."""
     m, n = op.shape
@@ -257,9 +269,10 @@ def _callables(
         return torch.nn.functional.linear(inp, w).view(out_shape)
 
     if not backward:
-        with torch.no_grad():
+        mode = torch.inference_mode if inference else torch.no_grad
+        with mode():
             _check(who, "output", op(x), dense_fwd(x, W), dtype)
-        return _no_grad(lambda: op(x)), _no_grad(lambda: dense_fwd(x, W))
+        return _under(mode, lambda: op(x)), _under(mode, lambda: dense_fwd(x, W))
 
     xg = x.clone().requires_grad_(True)
     Wg = W.clone().requires_grad_(True)
@@ -279,9 +292,9 @@ def _callables(
     return ours, dense
 
 
-def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+def _under(mode: Callable[[], Any], fn: Callable[[], Any]) -> Callable[[], Any]:
     def call() -> Any:
-        with torch.no_grad():
+        with mode():
             return fn()
 
     return call

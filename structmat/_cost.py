@@ -31,6 +31,8 @@ class Timing:
         threads: torch's intra-op thread count during the timing.
         dtype: the dtype timed, e.g. ``"float32"``.
         backward: True when forward + backward was timed.
+        inference: True when the forward ran under ``torch.inference_mode()`` (where weight-only parts of a network
+            may be contracted once and kept), else under ``torch.no_grad()`` (or with autograd, for ``backward``).
 
     Example:
         >>> from structmat import Timing
@@ -46,6 +48,7 @@ class Timing:
     threads: int
     dtype: str
     backward: bool = False
+    inference: bool = False
 
     @property
     def ratio(self) -> float:
@@ -68,7 +71,7 @@ class Timing:
         return f"{1 / self.speedup:.2g}x slower than dense: use dense here"
 
     def __str__(self) -> str:
-        mode = "forward+backward" if self.backward else "forward"
+        mode = "forward+backward" if self.backward else "forward, inference mode" if self.inference else "forward"
         threads = f"{self.threads} thread" + ("s" if self.threads != 1 else "")
         return (
             f"{self.seconds * 1e3:.4g} ms vs dense {self.dense_seconds * 1e3:.4g} ms ({mode}, {self.dtype}, "

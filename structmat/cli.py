@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument("--backward", action="store_true", help="time forward + backward")
     bench_parser.add_argument(
+        "--inference", action="store_true", help="time the forward under torch.inference_mode() (not with --backward)"
+    )
+    bench_parser.add_argument(
         "--threads", type=_positive_int, default=None, metavar="N", help="torch threads (default: torch's current)"
     )
     bench_parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="(default: float32)")
@@ -271,6 +274,7 @@ def _bench(args: argparse.Namespace) -> int:
             op,
             args.batch,
             backward=args.backward,
+            inference=args.inference,
             threads=args.threads,
             min_run_time=args.min_run_time,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -31,7 +32,7 @@ def test_bench_result_fields() -> None:
     torch.manual_seed(0)
     op = sm.Dense(24, 5) @ sm.Dense(5, 12)
     r = sm.bench(op, 7, threads=1, **FAST)
-    assert (r.name, r.shape, r.heads, r.batch, r.backward) == (op.name, (24, 12), None, 7, False)
+    assert (r.name, r.shape, r.heads, r.batch, r.backward, r.inference) == (op.name, (24, 12), None, 7, False, False)
     assert r.dtype == torch.float32 and r.threads == 1
     assert r.flops == op.cost(7).flops and r.dense_flops == 2 * 24 * 12 * 7
     assert r.seconds > 0 and r.dense_seconds > 0
@@ -40,7 +41,7 @@ def test_bench_result_fields() -> None:
     assert r.gflops == pytest.approx(r.flops / r.seconds / 1e9)
     assert r.dense_gflops == pytest.approx(r.dense_flops / r.dense_seconds / 1e9)
     assert r.verdict == r.timing.verdict
-    assert r.timing == sm.Timing(r.seconds, r.dense_seconds, 1, "float32", False)
+    assert r.timing == sm.Timing(r.seconds, r.dense_seconds, 1, "float32", False, False)
     facts = json.loads(json.dumps(r.to_dict()))
     assert facts["shape"] == [24, 12] and facts["dtype"] == "float32" and facts["verdict"] == r.verdict
     text = str(r)
@@ -66,6 +67,15 @@ def test_bench_heads_backward_and_dtype() -> None:
     assert sm.bench(sm.Identity(6), 3, dtype=torch.float64, **FAST).dtype == torch.float64  # no parameters
 
 
+def test_bench_inference_mode() -> None:
+    torch.manual_seed(0)
+    op = sm.Dense(12, 4) @ sm.Dense(4, 4) @ sm.Dense(4, 12)
+    r = sm.bench(op, 3, inference=True, **FAST)
+    assert r.inference and not r.backward and r.timing.inference
+    assert str(r).startswith(f"{op.name}: (12, 12), batch 3, forward, inference mode, float32")
+    assert "forward, inference mode" in str(r.timing)
+
+
 def test_bench_errors() -> None:
     op = sm.Dense(4, 3)
     with pytest.raises(TypeError, match="bench: op must be a structmat LinearOperator, got Linear"):
@@ -78,6 +88,10 @@ def test_bench_errors() -> None:
         sm.bench(op, 2, threads=0)
     with pytest.raises(TypeError, match=r"bench\(Dense\(4, 3\)\): backward must be a bool, got str"):
         sm.bench(op, 2, backward="yes")
+    with pytest.raises(TypeError, match=r"bench\(Dense\(4, 3\)\): inference must be a bool, got int"):
+        sm.bench(op, 2, inference=1)
+    with pytest.raises(ValueError, match=r"bench\(Dense\(4, 3\)\): backward=True and inference=True exclude each"):
+        sm.bench(op, 2, backward=True, inference=True)
     with pytest.raises(ValueError, match=r"bench\(Dense\(4, 3\)\): min_run_time must be a positive number .* -1"):
         sm.bench(op, 2, min_run_time=-1)
     with pytest.raises(TypeError, match=r"bench\(Dense\(4, 3\)\): min_run_time must be a number of seconds"):
@@ -123,6 +137,18 @@ def test_cost_carries_timing() -> None:
     assert "timing=Timing(seconds=" in repr(measured)
 
 
+@pytest.mark.skipif(
+    "measure" not in inspect.signature(sm.LinearOperator.cost).parameters, reason="op.cost(measure=) not wired yet"
+)
+def test_op_cost_measure() -> None:
+    op = sm.LowRank(16, 16, rank=2)
+    measured = op.cost(4, measure=True)
+    assert measured.timing is not None and measured.timing.seconds > 0 and measured.flops == op.cost(4).flops
+    assert op.cost(4).timing is None
+    with pytest.raises(TypeError, match=r"LowRank\(16, 16, rank=2\).cost: measure must be a bool, got int"):
+        op.cost(4, measure=1)
+
+
 # -- structmat bench -------------------------------------------------------------------------------------------------
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
@@ -159,6 +185,7 @@ def test_cli_bench_text_backward_float64(capsys: pytest.CaptureFixture[str]) -> 
         (["bench", "dense(4, 4)", "--suite"], "structmat bench: give EXPR or --suite, not both"),
         (["bench", "dense(4, 4)", "--out", "x"], "structmat bench: --out only go with --suite"),
         (["bench", "dense(4,"], "structmat bench: structmat.parse: "),
+        (["bench", "dense(4, 4)", "--backward", "--inference"], "backward=True and inference=True exclude"),
         (["bench", "dense(4, 4)", "--batch", "0"], "argument --batch: must be >= 1, got 0"),
         (["bench", "dense(4, 4)", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
         (["bench", "dense(4, 4)", "--min-run-time", "0"], "argument --min-run-time: must be a positive number"),
