@@ -24,6 +24,7 @@ import opt_einsum as oe
 import torch
 
 from ._cost import Contraction, Cost, Rank
+from ._exec import Program, compile_program
 from ._network import MAX_LABELS, Network, fuse, kron_networks
 from ._paths import best_path
 
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 _PLAN_CACHE_SIZE = 64
+USE_ENGINE = True  # run networks by the compiled GEMM programs of :mod:`structmat._exec` (False: the einsum reference)
 _einsum = torch.ops.aten.einsum.default  # the op behind torch.einsum; it takes a path, and torch.compile traces it
 
 
@@ -104,6 +106,7 @@ class _Plan:
     contraction: Contraction
     expression: Any = None  # opt_einsum's compiled contraction, for paths torch's einsum does not take
     scale_at: int = -1  # the operand multiplied by the network's scale (a factor, k >= 1), or -1: the output
+    program: Program | None = None  # the same path as GEMMs on views (see _exec), None: the einsum runs
 
 
 class NetNode(Node):
@@ -161,11 +164,13 @@ class NetNode(Node):
             macs + scale_flops,  # one multiply per element scaled
             int(info.largest_intermediate),
         )
+        program = compile_program(eq, [tuple(s) for s in shapes], [tuple(step) for step in path])
         if len(shapes) > 2 and all(len(step) == 2 for step in path):
-            return _Plan(eq, [i for pair in path for i in pair], contraction, scale_at=scale_at)
+            return _Plan(eq, [i for pair in path for i in pair], contraction, scale_at=scale_at, program=program)
         if len(shapes) > 2:  # a path with single-operand steps (sums over a label only one operand has)
-            return _Plan(eq, None, contraction, oe.contract_expression(eq, *shapes, optimize=path), scale_at)
-        return _Plan(eq, None, contraction, scale_at=scale_at)
+            expression = oe.contract_expression(eq, *shapes, optimize=path)
+            return _Plan(eq, None, contraction, expression, scale_at, program)
+        return _Plan(eq, None, contraction, scale_at=scale_at, program=program)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -181,6 +186,10 @@ class NetNode(Node):
             operands.append(t)
         if scale != 1.0 and plan.scale_at > 0:
             operands[plan.scale_at] = operands[plan.scale_at] * scale
+        if plan.program is not None and USE_ENGINE:
+            shape = (batch, self.heads, self.m) if self.heads is not None else (batch, self.m)
+            y = plan.program.run(operands, shape)
+            return y * scale if scale != 1.0 and plan.scale_at < 0 else y
         if plan.path is not None:
             y = _einsum(plan.equation, operands, path=plan.path)
         elif plan.expression is not None:

@@ -1,0 +1,394 @@
+"""The execution engine of a single tensor network: its planned pairwise path as a short list of GEMMs on views.
+
+A :class:`~structmat._nodes.NetNode` plans one contraction path per batch size (:func:`structmat._paths.best_path`).
+``torch.einsum`` runs such a path step by step too, but it keeps every intermediate in the order its labels come
+out of the previous step, which often leaves the batch label innermost: the next batched GEMM then has no unit
+stride, and ATen copies every slice of the activations before multiplying. This module compiles the same path, once
+per ``(batch, per_head)``, into a :class:`Program` that chooses, for every step,
+
+- which labels form the GEMM's batch, row, contraction and column groups, and in which order within each group, so
+  that both operands are *views* of the tensors they come from (no copy) whenever the layouts allow it; a step whose
+  operands share no label to batch over may batch over a leading run of one operand's labels instead, the other
+  operand broadcast (e.g. the second factor of a Kronecker product, applied to every row);
+- the memory order of the step's output (batch, rows, columns in any order that keeps a unit stride in every matrix),
+  written directly by the GEMM (``out=``), so that the next step reads views and the last step writes the network's
+  output contiguous in the input's layout ``(B, m)`` / ``(B, H, m)``;
+- the kernel: ``mm``/``linear`` for a single matrix product, ``bmm`` for a batch of them, or a loop of ``mm`` calls
+  where MKL's batched GEMM is slow (measured: 32 x (4096 x 32 · 32 x 128) runs 2.5x faster as a loop).
+
+The choice is a small beam search over these options scored by the elements copied (operands that are not views,
+an output that is not in the final layout), ties going to fewer and cheaper kernel launches. A step whose output is
+in the plain ``(batch, rows, columns)`` order runs as torch's own ``mm``/``bmm`` (its autograd); any other order,
+and the loop kernel, run inside :class:`_Into`, a custom autograd function whose backward is the two GEMMs of a
+matrix product, written in the layout of the operands so that the gradients flow back through views as the
+activations flowed forward.
+
+Networks the engine does not take (no factor, a label repeated within one operand) keep the einsum reference; so
+does tracing by ``torch.compile``, which sees one ``aten.einsum`` with its planned path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+__all__ = ["Program", "compile_program"]
+
+_BEAM = 24  # partial programs kept per step of the search (after merging those that leave the same layouts)
+_LOOP_MAX_BATCH = 128  # a loop of mm calls only for few, large products (the Python loop costs ~2 µs a call)
+_LOOP_MIN_WORK = 1 << 18  # multiply-adds of one product for the loop to pay its per-call cost
+
+
+# -- the program ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Read:
+    """How a step reads one operand: ``t.sum(sum_dims).permute(perm).reshape(shape)``, then broadcast to ``expand``
+    matrices when ``expand`` > 0 (an operand without the batch labels)."""
+
+    index: int  # position in the list of live tensors
+    perm: tuple[int, ...] | None  # None: no permutation
+    shape: tuple[int, ...]  # (rows, cols), or (batch, rows, cols)
+    expand: int
+    sum_dims: tuple[int, ...]  # labels only this operand has (size > 1), summed first
+
+
+@dataclass(frozen=True)
+class _Step:
+    a: _Read
+    b: _Read
+    kernel: str  # "mm" | "bmm" | "linear" (F.linear(a, b): b read as (cols, k)) | "loop" (mm per matrix)
+    transposed: bool  # computed as (b^T a^T)^T: the output is column-major in each matrix
+    into: tuple[tuple[int, ...], tuple[int, ...]] | None  # (buffer shape, its permutation to (batch, m, n))
+    out_shape: tuple[int, ...]  # the result split into its labels (batch, rows, cols)
+
+
+@dataclass(frozen=True)
+class _SumStep:
+    """A path step that sums the labels only one operand has (opt_einsum's single-operand steps)."""
+
+    index: int
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _MulStep:
+    """A step that sums nothing: ``big * small`` broadcast, ``small`` permuted to ``big``'s dims and reshaped with
+    ones where it lacks a label (``flip``: the big operand is the second one)."""
+
+    i: int
+    j: int
+    flip: bool
+    perm: tuple[int, ...] | None
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Program:
+    """A compiled pairwise contraction: steps on the live tensors (the operands, then each step's result), and the
+    final permutation and reshape to the network's output layout."""
+
+    steps: tuple[_Step | _SumStep | _MulStep, ...]
+    final_perm: tuple[int, ...] | None
+    copies: int  # elements the program copies beyond the GEMMs' own output (for tests and the benchmark notes)
+
+    def run(self, operands: list[torch.Tensor], out_shape: tuple[int, ...]) -> torch.Tensor:
+        """Contract ``operands`` (the input first, then the factors, in the equation's order)."""
+        live = list(operands)
+        for st in self.steps:
+            if type(st) is _SumStep:
+                live.append(live.pop(st.index).sum(st.dims))
+                continue
+            if type(st) is _MulStep:
+                big, small = (live[st.j], live[st.i]) if st.flip else (live[st.i], live[st.j])
+                if st.perm is not None:
+                    small = small.permute(st.perm)
+                del live[st.j]
+                del live[st.i]
+                live.append(big * small.reshape(st.shape))
+                continue
+            ra, rb = st.a, st.b
+            a = _read(live[ra.index], ra)
+            b = _read(live[rb.index], rb)
+            del live[rb.index]  # the path lists a step's operands in increasing order
+            del live[ra.index]
+            kernel = st.kernel
+            if st.into is not None:
+                c = _Into.apply(a, b, st.into, kernel == "loop")
+            elif kernel == "linear":
+                c = F.linear(a, b)
+            elif st.transposed:
+                c = _matmul(b.mT, a.mT).mT
+            else:
+                c = _matmul(a, b)
+            live.append(c.view(st.out_shape))
+        y = live[0]
+        if self.final_perm is not None:
+            y = y.permute(self.final_perm)
+        return y.reshape(out_shape)
+
+
+def _read(t: torch.Tensor, r: _Read) -> torch.Tensor:
+    if r.sum_dims:
+        t = t.sum(r.sum_dims)
+    if r.perm is not None:
+        t = t.permute(r.perm)
+    t = t.reshape(r.shape)
+    if r.expand:
+        return t.expand(r.expand, *r.shape[1:])
+    if t.ndim == 3 and not _blas_ok(t):  # ATen would copy it slice by slice; one copy of the whole is cheaper
+        t = t.contiguous()
+    return t
+
+
+def _blas_ok(t: torch.Tensor) -> bool:
+    """Each matrix of a batch has a unit stride (rows or columns) and a leading dimension BLAS accepts."""
+    _, r, c = t.shape
+    sr, sc = t.stride(1), t.stride(2)
+    return ((sc == 1 or c == 1) and sr >= max(c, 1)) or ((sr == 1 or r == 1) and sc >= max(r, 1))
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a, b) if a.ndim == 2 else torch.bmm(a, b)
+
+
+class _Into(torch.autograd.Function):
+    """``a @ b`` (2-D or batched) written into a buffer of a chosen memory order (or by one ``mm`` per matrix);
+    backward: the two products of a matrix product, differentiable again."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, a: torch.Tensor, b: torch.Tensor, into: tuple[tuple[int, ...], tuple[int, ...]], loop: bool
+    ) -> torch.Tensor:
+        shape, perm = into
+        c = a.new_empty(shape).permute(perm)
+        if loop:
+            for i in range(c.shape[0]):
+                torch.mm(a[i], b[i], out=c[i])
+        elif a.ndim == 2:
+            torch.mm(a, b, out=c)
+        else:
+            torch.bmm(a, b, out=c)
+        ctx.save_for_backward(a, b)
+        return c
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        ga = _matmul(g, b.mT) if ctx.needs_input_grad[0] else None
+        gb = _matmul(a.mT, g) if ctx.needs_input_grad[1] else None
+        return ga, gb, None, None
+
+
+# -- compiling a path ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """A live tensor during planning: its dims (labels, in the order the tensor has them) and its memory order
+    (labels from outermost to innermost; the tensor is assumed dense in that order)."""
+
+    dims: tuple[str, ...]
+    memory: tuple[str, ...]
+
+
+def compile_program(equation: str, shapes: list[tuple[int, ...]], path: list[tuple[int, ...]]) -> Program | None:
+    """The program for ``equation`` (operand 0 the input) along ``path`` (opt_einsum's format), or None when the
+    engine does not take the network (then the einsum runs)."""
+    lhs, out = equation.split("->")
+    terms = lhs.split(",")
+    if len(terms) < 2 or any(len(set(t)) != len(t) for t in [*terms, out]):
+        return None
+    sizes: dict[str, int] = {}
+    for term, shape in zip(terms, shapes):
+        sizes.update(zip(term, (int(s) for s in shape)))
+    start = tuple(_Layout(tuple(t), tuple(t)) for t in terms)
+    beam: list[tuple[float, tuple[_Layout, ...], tuple[_Step, ...]]] = [(0.0, start, ())]
+    for step in path:
+        grown: dict[tuple[_Layout, ...], tuple[float, tuple[_Layout, ...], tuple[_Step, ...]]] = {}
+        for cost, live, steps in beam:
+            for extra, st, layout in _options(live, step, out, sizes):
+                rest = tuple(t for k, t in enumerate(live) if k not in step) + (layout,)
+                total = cost + extra
+                key = rest
+                if key not in grown or grown[key][0] > total:
+                    grown[key] = (total, rest, (*steps, st))
+        beam = sorted(grown.values(), key=lambda e: e[0])[:_BEAM]
+    best = None
+    for cost, live, steps in beam:
+        if len(live) != 1 or set(live[0].dims) != set(out):
+            return None
+        y = live[0]
+        kept = [c for c in y.memory if sizes[c] > 1]
+        want = [c for c in out if sizes[c] > 1]
+        final = cost + (0 if kept == want else math.prod(sizes[c] for c in out))
+        if best is None or final < best[0]:
+            perm = tuple(y.dims.index(c) for c in out)
+            best = (final, steps, None if perm == tuple(range(len(perm))) else perm)
+    if best is None:
+        return None
+    final, steps, perm = best
+    return Program(steps, perm, int(final))
+
+
+def _options(
+    live: tuple[_Layout, ...], step: tuple[int, ...], out: str, sizes: dict[str, int]
+) -> list[tuple[float, _Step | _SumStep | _MulStep, _Layout]]:
+    """Every way the engine can run one step of the path: (elements copied, step, result layout)."""
+    others = [t for k, t in enumerate(live) if k not in step]
+    kept = set(out).union(*(t.dims for t in others))
+    if len(step) == 1:  # a step summing the labels only this operand has
+        (i,) = step
+        t = live[i]
+        summed = tuple(k for k, c in enumerate(t.dims) if c not in kept)
+        dims = tuple(c for c in t.dims if c in kept)
+        return [(float(_numel(dims, sizes)), _SumStep(i, summed), _Layout(dims, dims))]
+    i, j = sorted(step)
+    A, B = live[i], live[j]
+    own_a = tuple(k for k, c in enumerate(A.dims) if c not in B.dims and c not in kept and sizes[c] > 1)
+    own_b = tuple(k for k, c in enumerate(B.dims) if c not in A.dims and c not in kept and sizes[c] > 1)
+    pre = float(_numel(A.dims, sizes) if own_a else 0) + float(_numel(B.dims, sizes) if own_b else 0)
+    if own_a:  # summed first: the operand is then its remaining dims, dense
+        rest = tuple(c for k, c in enumerate(A.dims) if k not in own_a)
+        A = _Layout(rest, rest)
+    if own_b:
+        rest = tuple(c for k, c in enumerate(B.dims) if k not in own_b)
+        B = _Layout(rest, rest)
+    sa, sb = set(A.dims), set(B.dims)
+    batch = [c for c in A.memory if c in sb and c in kept]
+    contracted = [c for c in A.memory if c in sb and c not in kept]
+    rows = [c for c in A.memory if c not in sb and c in kept]
+    cols = [c for c in B.memory if c not in sa and c in kept]
+    ones_a = [c for c in A.dims if c not in sb and c not in kept]  # size-1 labels only A has: dropped by reshape
+    ones_b = [c for c in B.dims if c not in sa and c not in kept]
+    # batch over the shared labels; or, when there are none, over a leading run of one operand's own labels (the
+    # other operand broadcast)
+    groupings: list[tuple[list[str], list[str], list[str], int]] = [
+        (bo, rows, cols, 0) for bo in _orders(batch, A.memory, B.memory)
+    ]
+    if not batch:
+        for side, mem, own in ((1, A.memory, rows), (2, B.memory, cols)):
+            run: list[str] = []
+            for c in mem:
+                if c not in own:
+                    break
+                run.append(c)
+                rest_own = [x for x in own if x not in run]
+                if sizes[c] > 1 and rest_own:
+                    groupings.append(
+                        (list(run), rest_own if side == 1 else rows, cols if side == 1 else rest_own, side)
+                    )
+    found: list[tuple[float, _Step | _SumStep | _MulStep, _Layout]] = []
+    if not contracted and not own_a and not own_b and not ones_a and not ones_b and (not rows or not cols):
+        # nothing summed and one operand's labels within the other's (a diagonal, a scale per block): a broadcast
+        # elementwise product, in the layout of the larger operand
+        big, small, flip = (A, B, False) if not cols else (B, A, True)
+        dims = big.dims
+        perm = tuple(small.dims.index(c) for c in dims if c in small.dims)
+        shape = tuple(sizes[c] if c in small.dims else 1 for c in dims)
+        mul = _MulStep(i, j, flip, None if perm == tuple(range(len(perm))) else perm, shape)
+        found.append((0.0, mul, _Layout(dims, big.memory)))
+        return found
+    for bo, ro, co, side in groupings:
+        for ko in _orders(contracted, A.memory, B.memory):
+            nb = _numel(bo, sizes)
+            m, k, n = _numel(ro, sizes), _numel(ko, sizes), _numel(co, sizes)
+            a_groups = ([] if side == 2 else bo, ro, ko)
+            b_groups = ([] if side == 1 else bo, ko, co)
+            copies = pre + _copy_cost(A, a_groups, sizes) + _copy_cost(B, b_groups, sizes)
+            dims = (*bo, *ro, *co)
+            groups = {"b": bo, "m": ro, "n": co}
+            reads = (
+                _reader(i, A, own_a, a_groups, ones_a, m, k, nb, side == 2),
+                _reader(j, B, own_b, b_groups, ones_b, k, n, nb, side == 1),
+            )
+            for order in _out_orders(nb > 1):
+                memory = tuple(c for g in order for c in groups[g])
+                st = _make_step(reads, B, b_groups, ones_b, (nb, m, k, n), order, tuple(sizes[c] for c in dims))
+                tie = 0.0 if st.into is None else 0.5  # torch's own op (and its autograd) when it is as good
+                found.append((copies + tie, st, _Layout(dims, memory)))
+    return found
+
+
+def _numel(labels: Any, sizes: dict[str, int]) -> int:
+    return math.prod(sizes[c] for c in labels)
+
+
+def _orders(labels: list[str], mem_a: tuple[str, ...], mem_b: tuple[str, ...]) -> list[list[str]]:
+    """Orders of a group both operands hold to try: as either operand holds it in memory."""
+    first = [c for c in mem_a if c in labels]
+    second = [c for c in mem_b if c in labels]
+    return [first] if first == second else [first, second]
+
+
+def _out_orders(batched: bool) -> list[tuple[str, ...]]:
+    """Memory orders of a step's output (outermost first) that keep a unit stride in every matrix."""
+    if not batched:
+        return [("b", "m", "n"), ("b", "n", "m")]
+    return [("b", "m", "n"), ("b", "n", "m"), ("m", "b", "n"), ("n", "b", "m")]
+
+
+def _copy_cost(t: _Layout, groups: tuple[list[str], ...], sizes: dict[str, int]) -> float:
+    """Elements copied to read ``t`` as ``(batch, rows, cols)`` from these label groups: 0 for a view that BLAS
+    takes (every group consecutive in memory and in order, a unit stride in the matrix), else all of ``t``."""
+    strides: dict[str, int] = {}
+    s = 1
+    for c in reversed(t.memory):
+        strides[c] = s
+        s *= sizes[c]
+    inner = []
+    for g in groups:
+        g = [c for c in g if sizes[c] > 1]
+        for x, y in zip(g, g[1:]):
+            if strides[x] != strides[y] * sizes[y]:
+                return float(_numel(t.dims, sizes))
+        inner.append(strides[g[-1]] if g else None)
+    matrix = [s for s in inner[1:] if s is not None]
+    if matrix and 1 not in matrix:
+        return float(_numel(t.dims, sizes))
+    return 0.0
+
+
+def _reader(
+    index: int,
+    t: _Layout,
+    own: tuple[int, ...],
+    groups: tuple[list[str], ...],
+    ones: list[str],
+    rows: int,
+    cols: int,
+    nb: int,
+    expanded: bool,
+) -> _Read:
+    flat = [c for g in groups for c in g] + ones
+    perm = tuple(t.dims.index(c) for c in flat)
+    shape: tuple[int, ...] = (rows, cols) if nb == 1 else (1 if expanded else nb, rows, cols)
+    return _Read(index, None if perm == tuple(range(len(perm))) else perm, shape, nb if expanded else 0, own)
+
+
+def _make_step(
+    reads: tuple[_Read, _Read],
+    B: _Layout,
+    b_groups: tuple[list[str], ...],
+    ones_b: list[str],
+    dims4: tuple[int, int, int, int],
+    order: tuple[str, ...],
+    out_shape: tuple[int, ...],
+) -> _Step:
+    nb, m, k, n = dims4
+    ra, rb = reads
+    if nb == 1:
+        if order == ("b", "m", "n"):
+            flat = [*b_groups[2], *b_groups[1], *ones_b]  # b read as (cols, k): F.linear's weight
+            perm = tuple(B.dims.index(c) for c in flat)
+            if perm == tuple(range(len(perm))) and not rb.sum_dims:
+                return _Step(ra, _Read(rb.index, None, (n, k), 0, ()), "linear", False, None, out_shape)
+            return _Step(ra, rb, "mm", False, None, out_shape)
+        return _Step(ra, rb, "mm", True, None, out_shape)
+    loop = not ra.expand and not rb.expand and nb <= _LOOP_MAX_BATCH and m * k * n >= _LOOP_MIN_WORK and n >= 2 * k
+    if order in (("b", "m", "n"), ("b", "n", "m")) and not loop:
+        return _Step(ra, rb, "bmm", order == ("b", "n", "m"), None, out_shape)
+    dim_of = {"b": nb, "m": m, "n": n}
+    shape = tuple(dim_of[g] for g in order)
+    return _Step(ra, rb, "loop" if loop else "bmm", False, (shape, tuple(order.index(g) for g in "bmn")), out_shape)
