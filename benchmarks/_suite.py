@@ -138,11 +138,11 @@ def derive(row: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Progress:
-    """tqdm over the modules when it is installed, else one plain line per module (on stderr)."""
+    """tqdm over the modules when it is installed and stderr is a terminal, else plain lines (on stderr)."""
 
     def __init__(self, names: list[str], enabled: bool) -> None:
         self.names, self.enabled, self.bar = names, enabled, None
-        if enabled:
+        if enabled and sys.stderr.isatty():  # a log file gets plain lines, not a bar's carriage returns
             try:
                 from tqdm import tqdm
 
@@ -159,8 +159,8 @@ class _Progress:
     def done(self, name: str, rows: int, seconds: float, error: str | None) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            if error:
-                self.bar.write(f"{name}: error: {error}", file=sys.stderr)
+            status = f"error: {error}" if error else f"{rows} rows"
+            self.bar.write(f"{name}: {status} ({seconds:.1f} s)", file=sys.stderr)
         elif self.enabled:
             status = f"error: {error}" if error else f"{rows} rows"
             print(f"    {name}: {status} ({seconds:.1f} s)", file=sys.stderr, flush=True)
