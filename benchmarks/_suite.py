@@ -20,9 +20,11 @@ work), ``bytes`` (minimal bytes moved), ``checked`` (True: correctness was check
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
+import numbers
 import pkgutil
 import sys
 import time
@@ -54,15 +56,16 @@ ROW_KEYS: dict[str, tuple[type, ...]] = {
     "group": (str,),
     "case": (str,),
     "mode": (str,),
-    "ours_ms": (int, float),
+    "ours_ms": (numbers.Real,),
     "baseline": (str,),
-    "baseline_ms": (int, float, type(None)),
-    "dense_ms": (int, float, type(None)),
-    "flops": (int, type(None)),
-    "bytes": (int, type(None)),
+    "baseline_ms": (numbers.Real, type(None)),
+    "dense_ms": (numbers.Real, type(None)),
+    "flops": (numbers.Integral, type(None)),
+    "bytes": (numbers.Integral, type(None)),
     "checked": (bool,),
     "note": (str,),
 }
+_NUMBERS = {"ours_ms": float, "baseline_ms": float, "dense_ms": float, "flops": int, "bytes": int}
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -83,8 +86,9 @@ def discover(only: Sequence[str] | None = None) -> dict[str, SuiteFn | BaseExcep
     out: dict[str, SuiteFn | BaseException] = {}
     for name in names:
         try:
-            module = importlib.import_module(f"{__package__}.bench_{name}")
-        except Exception as e:  # a module that does not import is an error row, not the end of the run
+            with contextlib.redirect_stdout(sys.stderr):
+                module = importlib.import_module(f"{__package__}.bench_{name}")
+        except (Exception, SystemExit) as e:  # a module that does not import is an error row, not the end of the run
             out[name] = e
             continue
         fn = getattr(module, "suite", None)
@@ -110,8 +114,13 @@ def _problems(row: Any) -> str | None:
     bad = [f"{k}={row[k]!r}" for k, kinds in ROW_KEYS.items() if not isinstance(row[k], kinds)]
     if bad:
         return f"row has values of the wrong type: {', '.join(bad)}"
-    if isinstance(row["flops"], bool) or isinstance(row["bytes"], bool):
-        return "flops and bytes must be ints or None"
+    flags = [k for k in _NUMBERS if isinstance(row[k], bool)]
+    if flags:
+        return f"{', '.join(flags)} must be numbers, not bools"
+    optional = ("baseline_ms", "dense_ms")
+    times = [k for k in optional if row[k] is not None and not (math.isfinite(row[k]) and row[k] > 0)]
+    if times:
+        return f"{', '.join(f'{k}={row[k]!r}' for k in times)}: times must be positive (or None)"
     if not (math.isfinite(row["ours_ms"]) and row["ours_ms"] > 0):
         return f"ours_ms must be a positive time, got {row['ours_ms']!r}"
     if not row["checked"]:
@@ -248,18 +257,19 @@ def _run_one(name: str, fn: SuiteFn | BaseException, size: str) -> tuple[list[di
         return [_error_row(name, "(module not loaded)", error)], error
     torch.manual_seed(0)
     try:
-        got = fn(size)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the markdown only
+            got = fn(size)
         if not isinstance(got, list):
             raise TypeError(f"suite({size!r}) must return a list of row dicts, got {type(got).__name__}")
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a module's failure is its error row; Ctrl-C still stops the run
         error = f"{type(e).__name__}: {e}"
         detail = traceback.format_exc(limit=-3)
         return [_error_row(name, "(module failed)", error + "\n" + detail)], error
     rows = []
     for k, row in enumerate(got):
         problem = _problems(row)
-        if problem is None:
-            rows.append(dict(row))
+        if problem is None:  # plain floats and ints (a numpy scalar would not go into JSON)
+            rows.append({**row, **{k: kind(row[k]) for k, kind in _NUMBERS.items() if row[k] is not None}})
         else:
             case = row.get("case", f"row {k}") if isinstance(row, dict) else f"row {k}"
             group = row.get("group", name) if isinstance(row, dict) else name

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,7 +227,14 @@ def broken(size: str) -> list[dict[str, object]]:
 
 
 def malformed(size: str) -> list[dict[str, object]]:
-    return [{"group": "bad", "case": "x"}, row(group="bad", case="unchecked", checked=False), row(group="bad")]
+    print("chatter")  # goes to stderr: stdout carries the markdown only
+    return [
+        {"group": "bad", "case": "x"},
+        row(group="bad", case="unchecked", checked=False),
+        row(group="bad", case="zero", dense_ms=0.0),
+        row(group="bad", case="flag", flops=True),
+        row(group="bad", flops=np.int64(100_000_000), ours_ms=np.float32(2.0)),
+    ]
 
 
 def test_derive_by_hand() -> None:
@@ -242,10 +250,11 @@ def test_derive_by_hand() -> None:
     assert (bare["ratio_baseline"], bare["ratio_dense"], bare["gflops"], bare["roofline"]) == (None,) * 4
 
 
-def test_run_suite_fake_modules(tmp_path: Path) -> None:
+def test_run_suite_fake_modules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     suites = {"fake": fake, "broken": broken, "missing": ModuleNotFoundError("No module named 'x'"), "bad": malformed}
     report, status = _suite.run_suite("smoke", suites=suites, machine=MACHINE, out=tmp_path, progress=False)
     assert status == 1
+    assert capsys.readouterr().out == ""
     rows = report["rows"]
     good = [r for r in rows if "error" not in r]
     assert [(r["group"], r["case"]) for r in good] == [("fake", "a"), ("fake", "b"), ("bad", "a")]
@@ -256,6 +265,9 @@ def test_run_suite_fake_modules(tmp_path: Path) -> None:
     assert errors[("missing", "(module not loaded)")] == "ModuleNotFoundError: No module named 'x'"
     assert "row lacks keys ['mode'," in errors[("bad", "x")]
     assert "checked is False" in errors[("bad", "unchecked")]
+    assert "dense_ms=0.0: times must be positive (or None)" in errors[("bad", "zero")]
+    assert "flops must be numbers, not bools" in errors[("bad", "flag")]
+    assert type(good[2]["flops"]) is int and type(good[2]["ours_ms"]) is float  # numpy scalars made plain
     assert [m["error"] for m in report["modules"]] == [
         None,
         "RuntimeError: boom",
