@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.benchmark import Timer
 
-__all__ = ["measure_machine", "cpu_model", "SIZES"]
+__all__ = ["measure_machine", "measure_rates", "cpu_model", "SIZES"]
 
 #: Per suite size: the square fp32 GEMM's side and the number of fp32 elements the bandwidth copy moves.
 SIZES = {"smoke": (512, 1 << 21), "full": (2048, 1 << 25)}
@@ -49,28 +49,38 @@ def _copy_s(elements: int, min_run_time: float, threads: int) -> float:
     return _median_s(lambda: dst.copy_(src), min_run_time, threads)
 
 
-def measure_machine(size: str = "full", threads: int | None = None) -> dict[str, Any]:
-    """Measure the GEMM rate and bandwidth at ``threads`` (default: torch's current count) and describe the machine.
+def measure_rates(size: str = "full", threads: int | None = None) -> dict[str, float]:
+    """``{"gemm_gflops": ..., "bandwidth_gbs": ...}`` measured now at ``threads`` (default: torch's current count).
 
     - ``gemm_gflops``: ``2 N^3 / t`` of ``torch.mm`` of two fp32 ``N x N`` matrices (``N = 2048``; 512 for smoke),
       writing into a preallocated output.
     - ``bandwidth_gbs``: ``2 * 4 * E / t`` of ``dst.copy_(src)`` on ``E`` fp32 elements (``2^25``, 128 MiB per
-      buffer; ``2^21`` for smoke): one read and one write of each element.
-
-    Returns:
-        A JSON-ready dict: the two rates, ``threads``, ``torch``, ``python``, ``cpu``, ``cores`` (logical CPUs),
-        ``platform``, ``date`` (ISO, UTC) and the sizes measured.
+      buffer; ``2^21``, 8 MiB, for smoke, which may sit in cache): one read and one write of each element.
     """
     if size not in SIZES:
-        raise ValueError(f"measure_machine: size must be one of {sorted(SIZES)}, got {size!r}")
+        raise ValueError(f"measure_rates: size must be one of {sorted(SIZES)}, got {size!r}")
     threads = threads or torch.get_num_threads()
     n, elements = SIZES[size]
     run_time = 0.05 if size == "smoke" else 0.5
     gemm_s = _gemm_s(n, run_time, threads)
     copy_s = _copy_s(elements, run_time, threads)
+    return {"gemm_gflops": 2 * n**3 / gemm_s / 1e9, "bandwidth_gbs": 2 * 4 * elements / copy_s / 1e9}
+
+
+def measure_machine(size: str = "full", threads: int | None = None) -> dict[str, Any]:
+    """Measure the GEMM rate and bandwidth at ``threads`` (:func:`measure_rates`) and describe the machine.
+
+    Returns:
+        A JSON-ready dict: ``gemm_gflops`` and ``bandwidth_gbs`` at ``threads``, ``rates`` (the same keyed by the
+        thread count as a string, for rows run at other counts to add to), ``threads``, ``gemm_n``,
+        ``copy_elements``, ``torch``, ``python``, ``cpu``, ``cores`` (logical CPUs), ``platform`` and ``date``.
+    """
+    threads = threads or torch.get_num_threads()
+    rates = measure_rates(size, threads)
+    n, elements = SIZES[size]
     return {
-        "gemm_gflops": 2 * n**3 / gemm_s / 1e9,
-        "bandwidth_gbs": 2 * 4 * elements / copy_s / 1e9,
+        **rates,
+        "rates": {str(threads): rates},
         "gemm_n": n,
         "copy_elements": elements,
         "threads": threads,

@@ -20,12 +20,14 @@ work), ``bytes`` (minimal bytes moved), ``checked`` (True: correctness was check
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib
 import json
 import math
 import numbers
 import pkgutil
+import re
 import sys
 import time
 import traceback
@@ -35,13 +37,14 @@ from typing import Any
 
 import torch
 
-from ._machine import measure_machine
+from ._machine import measure_machine, measure_rates
 
 __all__ = [
     "EXPECTED",
     "ROW_KEYS",
     "discover",
     "derive",
+    "row_threads",
     "run_suite",
     "to_markdown",
     "main",
@@ -128,10 +131,25 @@ def _problems(row: Any) -> str | None:
     return None
 
 
+def row_threads(row: dict[str, Any], default: int) -> int:
+    """The thread count a row ran at: its optional ``threads`` key, else "N thread(s)" in its note, else
+    ``default`` (the suite's)."""
+    value = row.get("threads")
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    found = re.search(r"\b(\d+) threads?\b", row.get("note") or "")
+    return int(found.group(1)) if found and int(found.group(1)) >= 1 else default
+
+
 def derive(row: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
-    """``row`` with ``ratio_baseline``, ``ratio_dense``, ``gflops`` and ``roofline`` added (None where the row lacks
-    what they need); ``machine`` gives ``gemm_gflops`` and ``bandwidth_gbs``."""
+    """``row`` with ``threads`` (see :func:`row_threads`), ``ratio_baseline``, ``ratio_dense``, ``gflops`` and
+    ``roofline`` added (None where the row lacks what they need). ``machine`` gives ``gemm_gflops`` and
+    ``bandwidth_gbs``, and in ``rates`` the same per thread count (a string key); a row uses the rates at its
+    thread count when the machine has them."""
     out = dict(row)
+    threads = row_threads(row, machine.get("threads", 1))
+    rates = machine.get("rates", {}).get(str(threads), machine)
+    out["threads"] = threads
     ours_s = row["ours_ms"] / 1e3
     out["ratio_baseline"] = row["ours_ms"] / row["baseline_ms"] if row.get("baseline_ms") else None
     out["ratio_dense"] = row["ours_ms"] / row["dense_ms"] if row.get("dense_ms") else None
@@ -139,9 +157,9 @@ def derive(row: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
     out["gflops"] = flops / ours_s / 1e9 if flops else None
     bounds = []
     if flops:
-        bounds.append(flops / (machine["gemm_gflops"] * 1e9))
+        bounds.append(flops / (rates["gemm_gflops"] * 1e9))
     if nbytes:
-        bounds.append(nbytes / (machine["bandwidth_gbs"] * 1e9))
+        bounds.append(nbytes / (rates["bandwidth_gbs"] * 1e9))
     out["roofline"] = max(bounds) / ours_s if bounds else None
     return out
 
@@ -215,9 +233,10 @@ def run_suite(
             suites = discover(only)
         elif only is not None:
             suites = {k: v for k, v in suites.items() if k in only}
+        measured = machine is None
         if machine is None:
             machine = measure_machine(size, threads)
-        rows: list[dict[str, Any]] = []
+        raw: list[dict[str, Any]] = []
         modules: list[dict[str, Any]] = []
         bar = _Progress(list(suites), progress)
         for k, (name, fn) in enumerate(suites.items()):
@@ -226,11 +245,17 @@ def run_suite(
             got, error = _run_one(name, fn, size)
             torch.set_num_threads(threads)  # a module may have changed it
             seconds = time.perf_counter() - t0
-            for row in got:
-                rows.append(derive(row, machine) if "error" not in row else row)
+            raw += [{**row, "module": f"bench_{name}"} for row in got]
             modules.append({"module": f"bench_{name}", "rows": len(got), "seconds": seconds, "error": error})
             bar.done(name, len(got), seconds, error)
         bar.close()
+        if measured:  # rows run at another thread count get the machine's rates at that count, measured now
+            default = machine["threads"]
+            for t in sorted({row_threads(r, default) for r in raw if "error" not in r} - {default}):
+                if progress:
+                    print(f"measuring GEMM rate and bandwidth at {t} threads ...", file=sys.stderr, flush=True)
+                machine["rates"][str(t)] = measure_rates(size, t)
+        rows = [derive(r, machine) if "error" not in r else r for r in raw]
     finally:
         torch.set_num_threads(before)
     report = {
@@ -289,6 +314,21 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _rates(m: dict[str, Any]) -> str:
+    """ "fp32 GEMM 103 GFLOP/s (...) and memory bandwidth 38 GB/s (...) at 1 thread; 190 GFLOP/s and 45 GB/s at 2"."""
+    gemm = f" ({m['gemm_n']}×{m['gemm_n']} `torch.mm`)" if "gemm_n" in m else ""
+    copy = f" (copy of {m['copy_elements'] * 4 / 2**20:g} MiB)" if "copy_elements" in m else ""
+    threads = m.get("threads", 1)
+    text = (
+        f"fp32 GEMM {_num(m['gemm_gflops'])} GFLOP/s{gemm} and memory bandwidth {_num(m['bandwidth_gbs'])} GB/s"
+        f"{copy} at {threads} thread{'s' if threads != 1 else ''}"
+    )
+    others = sorted((int(t), r) for t, r in m.get("rates", {}).items() if int(t) != threads)
+    for t, r in others:
+        text += f"; {_num(r['gemm_gflops'])} GFLOP/s and {_num(r['bandwidth_gbs'])} GB/s at {t} threads"
+    return text
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     """The report as markdown: a machine header, one table per group (in order of first appearance), and the
     errors."""
@@ -300,10 +340,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         f"- Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} logical CPUs, {m.get('platform', '?')}",
         f"- torch {m.get('torch', '?')}, Python {m.get('python', '?')}, {m.get('threads', '?')} thread(s)",
-        f"- Measured in this run: fp32 GEMM {_num(m['gemm_gflops'])} GFLOP/s"
-        + (f" ({m['gemm_n']}×{m['gemm_n']} `torch.mm`)" if "gemm_n" in m else "")
-        + f", memory bandwidth {_num(m['bandwidth_gbs'])} GB/s"
-        + (f" (copy of {m['copy_elements'] * 4 / 2**20:g} MiB)" if "copy_elements" in m else ""),
+        "- Measured in this run: " + _rates(m),
         f"- Run: `python -m benchmarks --size {report['size']}{only}`, {m.get('date', '?')}, {minutes} min {seconds} s",
         "",
         "Times are medians (ms). Ratios are time ratios, ours / baseline and ours / dense: below 1, ours is faster. "
@@ -322,9 +359,11 @@ def to_markdown(report: dict[str, Any]) -> str:
     )
     for group, rows in groups.items():
         lines += ["", f"## {group}", "", header, "|" + "---|" * 11]
+        seen = collections.Counter((r["case"], r["mode"], r.get("threads")) for r in rows)
         for r in rows:
+            same = seen[r["case"], r["mode"], r.get("threads")] > 1 and "module" in r  # two modules, one case name
             cells = [
-                _cell(r["case"]),
+                _cell(r["case"]) + (f" [{r['module']}]" if same else ""),
                 r["mode"],
                 _num(r["ours_ms"], 4),
                 _cell(r["baseline"]) or "–",

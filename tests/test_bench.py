@@ -250,6 +250,30 @@ def test_derive_by_hand() -> None:
     assert (bare["ratio_baseline"], bare["ratio_dense"], bare["gflops"], bare["roofline"]) == (None,) * 4
 
 
+def test_derive_uses_the_rates_at_the_rows_thread_count() -> None:
+    machine = {**MACHINE, "rates": {"1": MACHINE, "2": {"gemm_gflops": 200.0, "bandwidth_gbs": 10.0}}}
+    two = _suite.derive(row(bytes=None, note="2 threads, fp32"), machine)
+    assert two["threads"] == 2 and two["roofline"] == pytest.approx(0.25)  # 1e8 flops at 200 GFLOP/s / 2 ms
+    key = _suite.derive(row(bytes=None, threads=2, note="1 thread"), machine)  # the key wins over the note
+    assert key["threads"] == 2 and key["roofline"] == pytest.approx(0.25)
+    one = _suite.derive(row(bytes=None, note="no count"), machine)
+    assert one["threads"] == 1 and one["roofline"] == pytest.approx(0.5)
+    assert _suite.derive(row(bytes=None, note="4 threads"), machine)["roofline"] == pytest.approx(0.5)  # no rates: top
+    assert _suite.row_threads({"note": "ran on 1 thread"}, 8) == 1
+
+
+def twice(size: str) -> list[dict[str, object]]:
+    return [row(case="same"), row(case="same", note="2 threads")]
+
+
+def test_markdown_names_the_module_of_a_repeated_case() -> None:
+    suites = {"one": twice, "two": twice}
+    report, status = _suite.run_suite("smoke", suites=suites, machine=MACHINE, out=None, progress=False)
+    assert status == 0 and [r["module"] for r in report["rows"]] == ["bench_one"] * 2 + ["bench_two"] * 2
+    md = _suite.to_markdown(report)
+    assert md.count("| same [bench_one] | fwd |") == 2 and md.count("| same [bench_two] | fwd |") == 2
+
+
 def test_run_suite_fake_modules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     suites = {"fake": fake, "broken": broken, "missing": ModuleNotFoundError("No module named 'x'"), "bad": malformed}
     report, status = _suite.run_suite("smoke", suites=suites, machine=MACHINE, out=tmp_path, progress=False)
