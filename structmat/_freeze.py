@@ -25,11 +25,13 @@ bounds them). Every per-call step joins a piece with a tensor carrying the batch
 size times the batch: a piece is never larger than the ordinary plan's per-row work, and the limit only binds for
 networks that are expensive anyway.
 
-**The decision** (per batch size and input layout): the frozen execution runs when its per-call flops are below
-the ordinary plan's (``node.cost(batch)``: the network's scale is folded into a piece, so its multiplies are
-saved too), or at most equal when a factor is computed on every call (a ``torch.nn.utils.parametrize`` or
-``torch.nn.utils.prune`` factor: the frozen execution keeps its value instead of recomputing it). Otherwise the
-ordinary plan runs, so a large batch whose ordinary plan is already as cheap is left alone.
+**The decision** (per batch size and input layout, :attr:`FrozenPath.chosen`): the frozen execution runs when
+its per-call flops are at most ``1 - MIN_SAVING`` (90 %) of the ordinary plan's (``node.cost(batch)``; the
+network's scale is folded into a piece, so its multiplies are saved too), or at most equal when a factor is
+computed on every call (a ``torch.nn.utils.parametrize`` or ``torch.nn.utils.prune`` factor: the frozen execution
+keeps its value instead of recomputing it, work the flops do not count). A smaller saving is not worth the
+memory of the pieces and the per-call version check (about 3 us): the ordinary plan runs. So at a large batch,
+where the ordinary plan's factor-only steps are a vanishing part of its work, nothing changes.
 
 **The frozen execution** (:func:`frozen_apply`, :func:`try_frozen`): the pieces are computed once under
 ``torch.no_grad()`` (outside inference mode, so they can serve autograd through ``x`` later) and held by the node;
@@ -80,6 +82,7 @@ from ._network import Factor, Network
 __all__ = [
     "EXACT_OPERANDS",
     "MEMORY_MULTIPLE",
+    "MIN_SAVING",
     "FrozenPath",
     "constant_aware_path",
     "memory_limit",
@@ -93,6 +96,7 @@ __all__ = [
 
 EXACT_OPERANDS = 10  # x and up to 9 factors: 3^9 ~ 20k steps of the per-call search, ~30 ms once per layout
 MEMORY_MULTIPLE = 4  # a piece holds at most this many times the elements of all factors (or a dense matrix)
+MIN_SAVING = 0.1  # the least fraction of the ordinary plan's flops a frozen execution must save to run
 
 _PLAN_CACHE_SIZE = 64  # decisions kept per node (one per batch size and layout), as the ordinary plans
 _BATCH = -1  # the batch label, outside the network's own (non-negative) labels
@@ -118,6 +122,7 @@ class FrozenPath:
         trees: each piece's contraction tree over factor indices (an index, or a pair of trees).
         piece_elements: elements held by each piece.
         limit: the most elements a piece of two or more factors may hold (:func:`memory_limit`).
+        computed: a factor is computed on every call (parametrized or pruned).
     """
 
     batch: int
@@ -129,11 +134,17 @@ class FrozenPath:
     trees: tuple[Tree, ...]
     piece_elements: tuple[int, ...]
     limit: int
+    computed: bool = False
 
     @property
     def cheaper(self) -> bool:
         """True when the constant-aware tree costs fewer flops per call than the ordinary plan."""
         return self.flops < self.ordinary_flops
+
+    @property
+    def chosen(self) -> bool:
+        """True when the frozen execution runs at this batch (the decision in the module doc)."""
+        return _worth(self.flops, self.ordinary_flops, self.computed)
 
     @property
     def contracted(self) -> bool:
@@ -331,10 +342,6 @@ def constant_aware_path(node: Any, batch: int, per_head: bool = False, limit: in
     if found is None:
         return None
     ordinary = _ordinary_cost(node, batch, node.heads if per_head else 0).flops
-    return _path(found, batch, per_head, ordinary, limit)
-
-
-def _path(found: _Search, batch: int, per_head: bool, ordinary: int, limit: int) -> FrozenPath:
     return FrozenPath(
         batch=batch,
         per_head=per_head,
@@ -345,7 +352,13 @@ def _path(found: _Search, batch: int, per_head: bool, ordinary: int, limit: int)
         trees=found.trees,
         piece_elements=tuple(math.prod(s) for s in found.piece_shapes),
         limit=limit,
+        computed=_computed(network),
     )
+
+
+def _worth(flops: int, ordinary: int, computed: bool) -> bool:
+    """Whether a frozen execution of ``flops`` per call replaces an ordinary plan of ``ordinary``."""
+    return flops <= (1 - MIN_SAVING) * ordinary or (computed and flops <= ordinary)
 
 
 # -- sources and versions ----------------------------------------------------------------------------------------------
@@ -377,6 +390,11 @@ def _sources(fa: Factor, out: list[torch.Tensor]) -> bool:
     if isinstance(value, torch.Tensor):
         out.append(value)
     return False
+
+
+def _computed(network: Network) -> bool:
+    """Whether a factor of ``network`` is computed on every call (parametrized or pruned)."""
+    return any(_sources(fa, []) for fa in network.factors)
 
 
 def _version_key(sources: list[torch.Tensor]) -> tuple[Any, ...] | None:
@@ -421,9 +439,6 @@ class _State:
             self.searches[per_head] = _search(self.node.network, per_head, self.limit)
         return self.searches[per_head]
 
-    def computed(self) -> bool:
-        return any(_sources(fa, []) for fa in self.node.network.factors)
-
     def decide(self, batch: int, per_head: bool) -> _Reduced | None:
         key = (batch, per_head)
         if key in self.decisions:
@@ -433,7 +448,7 @@ class _State:
         if found is not None:
             ordinary = _ordinary_cost(self.node, batch, self.node.heads if per_head else 0).flops
             flops = found.per_row * batch
-            if flops < ordinary or (flops <= ordinary and self.computed()):
+            if _worth(flops, ordinary, _computed(self.node.network)):
                 chosen = self.reduced_for(found, per_head)
         if len(self.decisions) >= _PLAN_CACHE_SIZE:
             self.decisions.pop(next(iter(self.decisions)))
@@ -514,13 +529,13 @@ def _compute(network: Network, tree: Tree, labels: tuple[int, ...]) -> torch.Ten
             "".join(letters[lab] for lab in have) + "->" + "".join(letters[lab] for lab in labels),
             t,
         )
-    return t
+    return t.contiguous()  # read on every call: strided axes would make each call's einsum copy it
 
 
 def try_frozen(node: Any, x: torch.Tensor) -> torch.Tensor | None:
     """``node.apply(x)`` by the frozen execution, or None when the ordinary plan is to run.
 
-    None when: traced by torch.compile; the constant-aware tree is not cheaper at this batch; grad mode is on and
+    None when: traced by torch.compile; the frozen execution is not chosen at this batch; grad mode is on and
     a source tensor of the network requires grad (the ordinary plan keeps the gradients); a source has no version
     counter (an inference tensor: its changes could not be seen).
     """
