@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -471,15 +472,18 @@ class _State:
             red = self.reduced[rkey] = _Reduced(found.pieces, found.trees, found.piece_labels, holder, node)
         return red
 
-    def refresh(self, red: _Reduced, key: tuple[Any, ...]) -> None:
-        """Bring ``red``'s pieces up to the sources' current values (recomputed once after any change)."""
+    def refresh(self, red: _Reduced, key: tuple[Any, ...], device: torch.device) -> None:
+        """Bring ``red``'s pieces up to the sources' current values (recomputed once after any change), in the
+        factors' dtype (autocast off: the pieces outlive the autocast region)."""
         if key != self.key:
             self.pieces.clear()
             self.key = key
         if red.key == key:
             return
         net = self.node.network
-        with torch.inference_mode(False), torch.no_grad():
+        kind = device.type
+        plain = torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext()
+        with torch.inference_mode(False), torch.no_grad(), plain:
             values = [
                 self.pieces.get(p) if p in self.pieces else _compute(net, tree, labels)
                 for p, tree, labels in zip(red.pieces, red.trees, red.labels)
@@ -560,7 +564,7 @@ def try_frozen(node: Any, x: torch.Tensor) -> torch.Tensor | None:
     key = _version_key(sources)
     if key is None:
         return None
-    state.refresh(red, key)
+    state.refresh(red, key, x.device)
     return red.node.apply(x)
 
 

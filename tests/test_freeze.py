@@ -268,6 +268,19 @@ def test_cache_follows_dtype_and_replaced_parameters():
     torch.testing.assert_close(frozen_runs(node, x.float()), node.apply(x.float()))
 
 
+def test_pieces_made_under_autocast_keep_the_factors_dtype():
+    torch.manual_seed(2)
+    op = dense(12, 3).float() @ dense(3, 5).float() @ dense(5, 12).float()
+    (node,) = nets(op)
+    x = torch.randn(5, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fz.try_frozen(node, x.bfloat16())
+    assert low is not None and low.dtype == torch.bfloat16
+    state = node.__dict__["_freeze"]
+    assert all(t.dtype == torch.float32 for t in state.pieces.values())
+    torch.testing.assert_close(frozen_runs(node, x), node.apply(x))  # float32 pieces, not bfloat16 ones
+
+
 def test_parametrized_factor_is_kept_and_recomputed_on_change():
     """A computed factor runs frozen even without fewer flops: its value is kept instead of recomputed."""
     op = sm.LowRank(7, 5, rank=3, dtype=F64)
