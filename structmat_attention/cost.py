@@ -61,6 +61,9 @@ class AttentionCost:
         past: cached tokens before them; keys ``T_k = past + seq_len``.
         heads: attention heads.
         parts: the entries, in execution order (see the module doc for each one's convention).
+        method: the attention path the layer's forward runs for these sizes (``"pieces"``, ``"sdpa"``,
+            ``"scores"`` or ``"streamed"``; see :func:`structmat_attention.functional.attention_path`), or None
+            when not known. The parts count the mathematical work (pairs joined), whatever the path.
 
     Example:
         >>> from structmat_attention import CostPart, AttentionCost
@@ -74,6 +77,7 @@ class AttentionCost:
     past: int
     heads: int
     parts: tuple[CostPart, ...]
+    method: str | None = None
 
     @property
     def flops(self) -> int:
@@ -103,8 +107,10 @@ class AttentionCost:
 
     def __str__(self) -> str:
         width = max((len(p.name) for p in self.parts), default=4)
+        path = f", path {self.method}" if self.method is not None else ""
         lines = [
-            f"  Attention cost: batch {self.batch}, {self.seq_len} new tokens after {self.past}, {self.heads} heads",
+            f"  Attention cost: batch {self.batch}, {self.seq_len} new tokens after {self.past}, {self.heads} heads"
+            + path,
             f"  {'part':<{width}}  {'FLOPs (mul-add = 2)':>20}  {'MACs':>16}",
         ]
         lines += [f"  {p.name:<{width}}  {p.flops:>20,}  {p.macs:>16,}" for p in self.parts]

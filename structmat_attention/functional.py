@@ -30,8 +30,12 @@ import torch
 
 import structmat as sm
 
+from . import _pieces
+
 __all__ = [
+    "METHODS",
     "Level",
+    "attention_path",
     "LevelFeatures",
     "bilinear_scores",
     "structured_attention",
@@ -40,6 +44,10 @@ __all__ = [
     "level_features",
     "resolve_scale",
 ]
+
+
+#: The ``method`` values of :func:`structured_attention` and :func:`attend`.
+METHODS = ("auto", "pieces", "sdpa", "scores", "streamed")
 
 
 def _int_arg(where: str, what: str, value: object, minimum: int, *, optional: bool = False) -> int | None:
@@ -453,15 +461,106 @@ def _expanded(feats: list, t_q: int, t_k: int, q_offset: int) -> tuple[torch.Ten
     return q, k
 
 
-def _expanded_width(feats: list, t_q: int, t_k: int, q_offset: int) -> int | None:
+def _expanded_width(levels: Sequence[Level], widths: Sequence[int], t_q: int, t_k: int, q_offset: int) -> int | None:
     """Width of :func:`_expanded`'s features, or None when a level (a window) has no such form."""
     width = 0
-    for lv, q, _, _ in feats:
+    for lv, r in zip(levels, widths):
         if lv.window is not None:
             return None
         blocks = 1 if lv.block_size is None else -(-max(q_offset + t_q, t_k) // lv.block_size)
-        width += q.shape[-1] * blocks
+        width += r * blocks
     return width
+
+
+def _choose(
+    levels: Sequence[Level],
+    widths: Sequence[int],
+    t_q: int,
+    t_k: int,
+    q_offset: int,
+    key_block: int | None,
+    method: str,
+    has_mask: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    where: str,
+) -> str:
+    """The method :func:`attend` runs (see :func:`attention_path`); an explicit 'pieces' that cannot run raises."""
+    if method == "streamed" or (method == "auto" and key_block is not None and key_block < t_k):
+        return "streamed"
+    if method in ("pieces", "auto"):
+        autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+        blocks = [lv.block_size for lv in levels]
+        windows = [lv.window for lv in levels]
+        why = _pieces.pieces_blocker(blocks, windows, t_q, t_k, q_offset, has_mask, device, dtype, autocast)
+        if why is None and method == "auto" and not any(b is not None and b < t_k for b in blocks):
+            why = "no block level shorter than the sequence"  # sdpa is one fused call already
+        if why is None and method == "auto" and torch.compiler.is_compiling():
+            why = "compiling"  # dynamo does not trace the fused kernel's private op: the old path compiles
+        if why is None:
+            return "pieces"
+        if method == "pieces":
+            raise ValueError(f"{where}: method='pieces' does not apply: {why}; use method='auto' to fall back")
+    if method in ("sdpa", "scores"):
+        return method
+    width = _expanded_width(levels, widths, t_q, t_k, q_offset)
+    return "sdpa" if width is not None and width <= 2 * sum(widths) else "scores"
+
+
+def attention_path(
+    levels: sm.LinearOperator | Level | Sequence[Level],
+    t_q: int,
+    t_k: int | None = None,
+    *,
+    q_offset: int = 0,
+    key_block: int | None = None,
+    method: str = "auto",
+    mask: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> str:
+    """Which method :func:`structured_attention` / :func:`attend` runs for these levels and sizes (no work done).
+
+    Args:
+        levels: an operator, a :class:`Level` or a list of Levels.
+        t_q: queries.
+        t_k: keys (default ``t_q``).
+        q_offset: absolute position of the first query.
+        key_block: the ``key_block`` argument.
+        method: the ``method`` argument (``"auto"`` resolves; an explicit one is returned as is, after checking that
+            ``"pieces"`` applies).
+        mask: whether a user mask is given.
+        dtype: the features' dtype (default: the operators' parameters', else float32).
+        device: the features' device (default: the operators' parameters').
+
+    Returns:
+        ``"pieces"``, ``"sdpa"``, ``"scores"`` or ``"streamed"`` (``"empty"`` when ``t_k = 0``). Under
+        ``torch.compile``, ``"auto"`` runs ``"sdpa"`` or ``"scores"`` where this says ``"pieces"``.
+
+    Example:
+        >>> import structmat as sm
+        >>> from structmat_attention import Level
+        >>> from structmat_attention.functional import attention_path
+        >>> levels = [Level(None, sm.LowRank(8, 8, rank=4)), Level(512, sm.LowRank(8, 8, rank=2))]
+        >>> attention_path(levels, 1024), attention_path(levels, 1024, q_offset=3, t_k=1027)
+        ('pieces', 'sdpa')
+    """
+    where = "attention_path"
+    lvs = _as_levels(levels, where)
+    t_q = _int_arg(where, "t_q", t_q, 0)
+    t_k = t_q if t_k is None else _int_arg(where, "t_k", t_k, 0)
+    args = _attend_args(where, False, q_offset, key_block, method, None, lvs)
+    if not isinstance(mask, bool):
+        raise TypeError(f"{where}: mask must be a bool (whether a mask is given), got {type(mask).__name__}")
+    if dtype is None:
+        dtype = next((lv.op.dtype for lv in lvs if lv.op.dtype is not None), torch.float32)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{where}: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    device = lvs[0].op.device if device is None else torch.device(device)
+    if t_k == 0:
+        return "empty"
+    widths = [sm.bilinear_split(lv.op)[0].shape[0] for lv in lvs]
+    return _choose(lvs, widths, t_q, t_k, args.q_offset, args.key_block, args.method, mask, device, dtype, where)
 
 
 def _mask_scores(
@@ -657,8 +756,8 @@ def _attend_args(
     causal = _bool_arg(where, "causal", causal)
     offset = _int_arg(where, "q_offset", q_offset, 0)
     block = _int_arg(where, "key_block", key_block, 1, optional=True)
-    if method not in ("auto", "sdpa", "scores", "streamed"):
-        raise ValueError(f"{where}: method must be 'auto', 'sdpa', 'scores' or 'streamed', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"{where}: method must be 'auto', 'pieces', 'sdpa', 'scores' or 'streamed', got {method!r}")
     if method == "sdpa" and any(lv.window is not None for lv in levels):
         raise ValueError(f"{where}: method='sdpa' cannot express a sliding-window level; use 'scores' or 'auto'")
     return _Args(causal, offset, block, method, _unjoined_arg(where, unjoined, levels))  # type: ignore[arg-type]
@@ -780,12 +879,16 @@ def _attend(feats: list, v: object, mask: object, args: _Args, where: str) -> to
     masked = masked and not _joins_all(levels, t_q, t_k, q_offset)
     if t_k == 0:  # no key to attend to: zeros, still connected to the inputs
         return torch.matmul(sum(torch.matmul(q, k.mT) for _, q, k, _ in feats), v)
-    if method == "streamed" or (method == "auto" and key_block is not None and key_block < t_k):
+    widths = [q.shape[-1] for _, q, _, _ in feats]
+    x = feats[0][1]
+    path = _choose(levels, widths, t_q, t_k, q_offset, key_block, method, mask is not None, x.device, dtype, where)
+    if path == "pieces":
+        plan = _pieces.plan_pieces([lv.block_size for lv in levels], widths, t_k, v.shape[-1], causal, masked)
+        return _pieces.pieces_attention(plan, feats, v, out_lead)
+    if path == "streamed":
         return _streamed(feats, v, t_q, t_k, causal, mask, q_offset, min(key_block or t_k, t_k), masked)
     joined = _joined(levels, t_q, 0, t_k, q_offset, feats[0][1].device) if masked else None
-    width = _expanded_width(feats, t_q, t_k, q_offset)
-    direct = sum(q.shape[-1] for _, q, _, _ in feats)
-    if method == "sdpa" or (method == "auto" and width is not None and width <= 2 * direct):
+    if path == "sdpa":
         q, k = _expanded(feats, t_q, t_k, q_offset)
         return _sdpa(q, k, v, causal, mask, q_offset, joined)
     s = _mask_scores(_scores(feats, t_q, t_k, q_offset), causal, mask, q_offset, 0, joined)

@@ -34,7 +34,15 @@ import structmat as sm
 from structmat._factors import check_int, check_optional_int
 
 from .cost import AttentionCost, CostPart, pairs_joined
-from .functional import Level, LevelFeatures, attend, attention_features, resolve_scale, structured_attention
+from .functional import (
+    Level,
+    LevelFeatures,
+    attend,
+    attention_features,
+    attention_path,
+    resolve_scale,
+    structured_attention,
+)
 
 __all__ = [
     "LevelSpec",
@@ -520,7 +528,42 @@ class StructuredAttention(torch.nn.Module):
         parts.append(CostPart("attention_values", 2 * entries * self.d_value, entries * self.d_value))
         c = self.output.cost(n)
         parts.append(CostPart("output_projection", c.flops, c.macs))
-        return AttentionCost(t_q, batch, past, h, tuple(parts))
+        return AttentionCost(t_q, batch, past, h, tuple(parts), self.attention_path(t_q, past=past))
+
+    def attention_path(self, seq_len: int, *, past: int = 0, mask: bool = False) -> str:
+        """The attention path the forward runs on ``seq_len`` new tokens after ``past`` cached ones (no work done).
+
+        ``"pieces"``: fused attention calls on sibling blocks merged by their log-sum-exp (self-attention from
+        position 0 with nested block sizes and no window, on CPU in float32/float64); else ``"sdpa"``, ``"scores"``
+        or ``"streamed"`` (see :func:`structmat_attention.functional.attention_path`). Under ``torch.compile``
+        the layer runs ``"sdpa"`` or ``"scores"`` instead of ``"pieces"``.
+
+        Args:
+            seq_len: new tokens.
+            past: tokens in the KV cache before them.
+            mask: whether a mask is passed.
+
+        Example:
+            >>> from structmat_attention import mlr_attention
+            >>> layer = mlr_attention(32, 4, ranks=[4, 2, 2], max_seq_len=1024)
+            >>> layer.attention_path(1024), layer.attention_path(1, past=1023)
+            ('pieces', 'sdpa')
+        """
+        where = f"{type(self).__name__}.attention_path"
+        t_q = check_int(where, "seq_len", seq_len)
+        past = check_int(where, "past", past, 0)
+        start = self._keep_from(past) if past else 0  # the cache holds positions start .. past + t_q - 1
+        param = next(iter(self.parameters()), None)
+        return attention_path(
+            self.levels,
+            t_q,
+            past - start + t_q,
+            q_offset=past - start,
+            key_block=self.key_block,
+            mask=mask,
+            dtype=param.dtype if param is not None else None,
+            device=param.device if param is not None else None,
+        )
 
 
 # -- the paper's set ---------------------------------------------------------------------------------------------------

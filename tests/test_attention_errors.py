@@ -93,7 +93,7 @@ def test_key_block_causal_method_unjoined(setup):
         structured_attention(x, x, v, W, unjoined="drop")
     with pytest.raises(ValueError, match=r"bilinear_scores: unjoined must be None, 'zero' or 'mask', got 0"):
         bilinear_scores(x, x, W, unjoined=0)
-    with pytest.raises(ValueError, match=r"attend: method must be 'auto', 'sdpa', 'scores' or 'streamed'"):
+    with pytest.raises(ValueError, match=r"attend: method must be 'auto', 'pieces', 'sdpa', 'scores' or 'streamed'"):
         attend(attention_features(x, x, W), v, method="flash")
     with pytest.raises(TypeError, match=r"attention_features: qk_norm must be a bool, got int 1"):
         attention_features(x, x, W, qk_norm=1)

@@ -264,7 +264,7 @@ def test_sdpa_method_rejects_windows():
     x = torch.randn(5, 4, dtype=F64)
     with pytest.raises(ValueError, match="method='sdpa' cannot express a sliding-window level"):
         structured_attention(x, x, x, [Level(None, W, window=2)], method="sdpa")
-    with pytest.raises(ValueError, match="method must be 'auto', 'sdpa', 'scores' or 'streamed', got 'fast'"):
+    with pytest.raises(ValueError, match="method must be 'auto', 'pieces', 'sdpa', 'scores' or 'streamed', got 'fast'"):
         structured_attention(x, x, x, W, method="fast")
 
 
