@@ -429,3 +429,16 @@ def test_freeze_reaches_nested_operators():
     x = torch.randn(4, 19, dtype=F64)
     with torch.no_grad():
         torch.testing.assert_close(outer(x), outer.unfreeze()(x), rtol=1e-12, atol=1e-12)
+
+
+@wired
+@pytest.mark.parametrize("name", sorted(STACKS))
+def test_inference_mode_stacks(name):
+    torch.manual_seed(3)
+    op = STACKS[name]()
+    x = torch.randn(4, 3, op.shape[1], dtype=F64)
+    for per_head in (False, True):
+        expected = op(x, per_head=per_head)
+        with torch.inference_mode():
+            got = op(x, per_head=per_head)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
