@@ -114,10 +114,11 @@ def pieces_blocker(
 
 #: Blocks of at most this many tokens are computed with explicit scores (batched matmuls) instead of the fused
 #: kernel, whose per-block overhead dominates on small blocks (measured on CPU: a causal 8-token block costs
-#: 40x the time per pair of a 512-token piece). Causal blocks larger than this are split further ("virtual"
+#: 15-25x the time per pair of a 512-token piece; 16 to 32 measured best on the configurations of
+#: benchmarks/bench_attention.py). Causal blocks larger than this are split further ("virtual"
 #: depths with no features of their own): their halves attend to each other non-causally, which the kernel does
 #: at full speed, and only the small diagonal blocks are causal.
-LEAF = 64
+LEAF = 32
 
 
 def _smallest_factor(n: int) -> int | None:
@@ -204,11 +205,10 @@ def _key_mask(plan: PiecesPlan, depth: int, b0: int, b1: int, heads: int, like: 
     else:
         parent, child = plan.sizes[depth], plan.sizes[depth + 1]
     parents = plan.t_pad // parent
-    pos = torch.arange(b0 * child, b1 * child, device=like.device)
-    pos = pos[None, :] + parent * torch.arange(parents, device=like.device)[:, None]  # (parents, keys)
-    padded = pos >= plan.t
-    if not bool(padded.any()):
+    if plan.t_pad - parent + b1 * child <= plan.t:  # the last parent's keys are all real tokens
         return None
+    pos = torch.arange(b0 * child, b1 * child, device=like.device)
+    padded = pos[None, :] + parent * torch.arange(parents, device=like.device)[:, None] >= plan.t  # (parents, keys)
     mask = torch.zeros(padded.shape, dtype=like.dtype, device=like.device).masked_fill_(padded, _NEG)
     return mask.expand(heads, *mask.shape).reshape(1, heads * parents, 1, -1)
 

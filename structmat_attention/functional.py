@@ -13,9 +13,13 @@ default; ``unjoined="zero"`` gives it score 0 instead (the plain sum above).
 Standard attention is one global level with ``W = W_Q^T W_K`` (``LowRank``); Bilinear BTT attention is one level with
 ``W = BTT``; MLR attention has levels with ``T_l = T / 2^l`` and low-rank ``W_l``.
 
-Memory: the scores of every level accumulate, in place, into ONE ``(T_q, T_k)`` matrix per head (a blocked level
-only touches its diagonal blocks). :func:`structured_attention` with ``key_block=B`` instead streams over key blocks
-with an online softmax and never holds more than ``(T_q, B)`` scores per head, forward or backward.
+Paths (``method``; :func:`attention_path` says which one runs): for self-attention with nested block sizes (MLR
+attention) the default runs the "pieces" path: sibling blocks attend to each other with the features of the levels
+that join them, as batched calls of torch's fused CPU attention kernel, merged exactly by their log-sum-exp (memory
+``O(T · d)``, no score matrix). Otherwise the scores of every level accumulate, in place, into ONE ``(T_q, T_k)``
+matrix per head (a blocked level only touches its diagonal blocks), or torch's fused attention runs on block-expanded
+features. :func:`structured_attention` with ``key_block=B`` instead streams over key blocks with an online softmax
+and never holds more than ``(T_q, B)`` scores per head, forward or backward.
 """
 
 from __future__ import annotations
@@ -495,8 +499,6 @@ def _choose(
         why = _pieces.pieces_blocker(blocks, windows, t_q, t_k, q_offset, has_mask, device, dtype, autocast)
         if why is None and method == "auto" and not any(b is not None and b < t_k for b in blocks):
             why = "no block level shorter than the sequence"  # sdpa is one fused call already
-        if why is None and method == "auto" and torch.compiler.is_compiling():
-            why = "compiling"  # dynamo does not trace the fused kernel's private op: the old path compiles
         if why is None:
             return "pieces"
         if method == "pieces":
@@ -534,8 +536,8 @@ def attention_path(
         device: the features' device (default: the operators' parameters').
 
     Returns:
-        ``"pieces"``, ``"sdpa"``, ``"scores"`` or ``"streamed"`` (``"empty"`` when ``t_k = 0``). Under
-        ``torch.compile``, ``"auto"`` runs ``"sdpa"`` or ``"scores"`` where this says ``"pieces"``.
+        ``"pieces"``, ``"sdpa"``, ``"scores"`` or ``"streamed"`` (``"empty"`` when ``t_k = 0``), the same under
+        ``torch.compile`` (the pieces path's autograd function traces whole, ``fullgraph=True``).
 
     Example:
         >>> import structmat as sm
@@ -619,12 +621,23 @@ def structured_attention(
         key_block: stream over blocks of this many keys with an online softmax (peak memory ``O(T_q · key_block)``
             per head instead of ``O(T_q · T_k)``, in the backward too: it recomputes each tile from the features
             and the saved log-sum-exp).
-        method: ``"scores"``: one (T_q, T_k) score matrix per head, levels accumulated into it in place;
+        method: ``"pieces"``: levels ordered coarse to fine, each block's queries attend to the keys of its
+            earlier (causal) or other sibling blocks with the features of the levels that join them, and the
+            finest blocks to themselves with all features, as batched calls of torch's fused CPU attention kernel
+            merged exactly by their log-sum-exp (work ``Σ`` over pairs of the joined width, memory ``O(T · d)``,
+            backward through the same kernel). It needs self-attention from position 0 (``T_q = T_k``,
+            ``q_offset = 0``), nested block sizes (each dividing the next larger one; blocks at least as long as
+            the sequence count as global), no window level, no mask, CPU tensors in float32 or float64 and no
+            autocast; partial last blocks and any ratio between block sizes are fine.
+            ``"scores"``: one (T_q, T_k) score matrix per head, levels accumulated into it in place;
             ``"sdpa"``: torch's fused ``scaled_dot_product_attention`` on features whose plain dot product is the
             multi-level score (a blocked level spreads its r_l features over one slot per block, width
             ``Σ_l r_l · blocks_l``; no score matrix is held; not for windowed levels); ``"streamed"``: the online
-            softmax over ``key_block`` keys; ``"auto"`` (default): streamed when ``key_block`` is given, else sdpa
-            when its width is at most twice the direct width ``Σ_l r_l``, else scores. All give the same result.
+            softmax over ``key_block`` keys; ``"auto"`` (default): streamed when ``key_block`` is given, else
+            pieces when it applies and some level has blocks shorter than the sequence, else sdpa when its width
+            is at most twice the direct width ``Σ_l r_l``, else scores. All give the same result;
+            :func:`attention_path` says which one runs. An explicit ``"pieces"`` that does not apply raises
+            ValueError saying why.
         unjoined: what a pair that no level joins gets when no level is global (with a global level every
             pair is joined and this has no effect). ``"mask"``: no attention (score ``-inf``, as in sliding-window or
             block-local attention); ``"zero"``: score 0, the plain sum of bilinear forms, so the pair still gets
@@ -710,7 +723,8 @@ def attend(
             ``(..., [H,] T_q, T_k)``.
         q_offset: absolute position of the first query (an int >= 0).
         key_block: stream over key blocks with an online softmax.
-        method: ``"auto"``, ``"sdpa"``, ``"scores"`` or ``"streamed"`` (see :func:`structured_attention`).
+        method: ``"auto"``, ``"pieces"``, ``"sdpa"``, ``"scores"`` or ``"streamed"`` (see
+            :func:`structured_attention`; :func:`attention_path` says which one ``"auto"`` runs).
         unjoined: what a pair that no level joins gets when no level is global (with a global level every
             pair is joined and this has no effect). ``"mask"``: no attention (score ``-inf``, as in sliding-window or
             block-local attention); ``"zero"``: score 0, the plain sum of bilinear forms, so the pair still gets

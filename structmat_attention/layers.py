@@ -535,8 +535,7 @@ class StructuredAttention(torch.nn.Module):
 
         ``"pieces"``: fused attention calls on sibling blocks merged by their log-sum-exp (self-attention from
         position 0 with nested block sizes and no window, on CPU in float32/float64); else ``"sdpa"``, ``"scores"``
-        or ``"streamed"`` (see :func:`structmat_attention.functional.attention_path`). Under ``torch.compile``
-        the layer runs ``"sdpa"`` or ``"scores"`` instead of ``"pieces"``.
+        or ``"streamed"`` (see :func:`structmat_attention.functional.attention_path`), compiled or not.
 
         Args:
             seq_len: new tokens.
