@@ -93,7 +93,22 @@ class Program:
 
     steps: tuple[_Step | _SumStep | _MulStep, ...]
     final_perm: tuple[int, ...] | None
-    copies: int  # elements the program copies beyond the GEMMs' own output (for tests and the benchmark notes)
+    copies: int  # weighted elements the program copies (see _moved; for tests and the benchmark notes)
+
+    @property
+    def linear(self) -> bool:
+        """The whole program is ``F.linear(x, factor)`` on the operands as given (a dense matrix on ``(B, n)``)."""
+        if len(self.steps) != 1 or self.final_perm is not None:
+            return False
+        st = self.steps[0]
+        return (
+            type(st) is _Step
+            and st.kernel == "linear"
+            and st.a.perm is None
+            and not st.a.sum_dims
+            and st.b.perm is None
+            and len(st.out_shape) == 2
+        )
 
     def run(self, operands: list[torch.Tensor], out_shape: tuple[int, ...]) -> torch.Tensor:
         """Contract ``operands`` (the input first, then the factors, in the equation's order)."""
@@ -204,37 +219,38 @@ def compile_program(equation: str, shapes: list[tuple[int, ...]], path: list[tup
     for term, shape in zip(terms, shapes):
         sizes.update(zip(term, (int(s) for s in shape)))
     start = tuple(_Layout(tuple(t), tuple(t)) for t in terms)
-    beam: list[tuple[float, tuple[_Layout, ...], tuple[_Step, ...]]] = [(0.0, start, ())]
+    beam: list[tuple[float, float, tuple[_Layout, ...], tuple[Any, ...]]] = [(0.0, 0.0, start, ())]
     for step in path:
-        grown: dict[tuple[_Layout, ...], tuple[float, tuple[_Layout, ...], tuple[_Step, ...]]] = {}
-        for cost, live, steps in beam:
-            for extra, st, layout in _options(live, step, out, sizes):
+        grown: dict[tuple[_Layout, ...], tuple[float, float, tuple[_Layout, ...], tuple[Any, ...]]] = {}
+        for cost, real, live, steps in beam:
+            for extra, copied, st, layout in _options(live, step, out, sizes):
                 rest = tuple(t for k, t in enumerate(live) if k not in step) + (layout,)
                 total = cost + extra
                 key = rest
                 if key not in grown or grown[key][0] > total:
-                    grown[key] = (total, rest, (*steps, st))
+                    grown[key] = (total, real + copied, rest, (*steps, st))
         beam = sorted(grown.values(), key=lambda e: e[0])[:_BEAM]
     best = None
-    for cost, live, steps in beam:
+    for cost, real, live, steps in beam:
         if len(live) != 1 or set(live[0].dims) != set(out):
             return None
         y = live[0]
         kept = [c for c in y.memory if sizes[c] > 1]
         want = [c for c in out if sizes[c] > 1]
-        final = cost + (0 if kept == want else math.prod(sizes[c] for c in out))
+        last = 0.0 if kept == want else _moved(kept, want, sizes, out[0])
+        final = cost + last
         if best is None or final < best[0]:
             perm = tuple(y.dims.index(c) for c in out)
-            best = (final, steps, None if perm == tuple(range(len(perm))) else perm)
+            best = (final, real + last, steps, None if perm == tuple(range(len(perm))) else perm)
     if best is None:
         return None
-    final, steps, perm = best
-    return Program(steps, perm, int(final))
+    _, copies, steps, perm = best
+    return Program(steps, perm, int(copies))
 
 
 def _options(
     live: tuple[_Layout, ...], step: tuple[int, ...], out: str, sizes: dict[str, int]
-) -> list[tuple[float, _Step | _SumStep | _MulStep, _Layout]]:
+) -> list[tuple[float, float, _Step | _SumStep | _MulStep, _Layout]]:
     """Every way the engine can run one step of the path: (elements copied, step, result layout)."""
     others = [t for k, t in enumerate(live) if k not in step]
     kept = set(out).union(*(t.dims for t in others))
@@ -243,7 +259,7 @@ def _options(
         t = live[i]
         summed = tuple(k for k, c in enumerate(t.dims) if c not in kept)
         dims = tuple(c for c in t.dims if c in kept)
-        return [(float(_numel(dims, sizes)), _SumStep(i, summed), _Layout(dims, dims))]
+        return [(float(_numel(dims, sizes)),) * 2 + (_SumStep(i, summed), _Layout(dims, dims))]
     i, j = sorted(step)
     A, B = live[i], live[j]
     own_a = tuple(k for k, c in enumerate(A.dims) if c not in B.dims and c not in kept and sizes[c] > 1)
@@ -279,7 +295,7 @@ def _options(
                     groupings.append(
                         (list(run), rest_own if side == 1 else rows, cols if side == 1 else rest_own, side)
                     )
-    found: list[tuple[float, _Step | _SumStep | _MulStep, _Layout]] = []
+    found: list[tuple[float, float, _Step | _SumStep | _MulStep, _Layout]] = []
     if not contracted and not own_a and not own_b and not ones_a and not ones_b and (not rows or not cols):
         # nothing summed and one operand's labels within the other's (a diagonal, a scale per block): a broadcast
         # elementwise product, in the layout of the larger operand
@@ -288,7 +304,7 @@ def _options(
         perm = tuple(small.dims.index(c) for c in dims if c in small.dims)
         shape = tuple(sizes[c] if c in small.dims else 1 for c in dims)
         mul = _MulStep(i, j, flip, None if perm == tuple(range(len(perm))) else perm, shape)
-        found.append((0.0, mul, _Layout(dims, big.memory)))
+        found.append((0.0, 0.0, mul, _Layout(dims, big.memory)))
         return found
     for bo, ro, co, side in groupings:
         for ko in _orders(contracted, A.memory, B.memory):
@@ -296,7 +312,7 @@ def _options(
             m, k, n = _numel(ro, sizes), _numel(ko, sizes), _numel(co, sizes)
             a_groups = ([] if side == 2 else bo, ro, ko)
             b_groups = ([] if side == 1 else bo, ko, co)
-            copies = pre + _copy_cost(A, a_groups, sizes) + _copy_cost(B, b_groups, sizes)
+            copies = pre + _copy_cost(A, a_groups, sizes, out[0]) + _copy_cost(B, b_groups, sizes, out[0])
             dims = (*bo, *ro, *co)
             groups = {"b": bo, "m": ro, "n": co}
             reads = (
@@ -307,7 +323,10 @@ def _options(
                 memory = tuple(c for g in order for c in groups[g])
                 st = _make_step(reads, B, b_groups, ones_b, (nb, m, k, n), order, tuple(sizes[c] for c in dims))
                 tie = 0.0 if st.into is None else 0.5  # torch's own op (and its autograd) when it is as good
-                found.append((copies + tie, st, _Layout(dims, memory)))
+                inner = [c for c in memory if sizes[c] > 1][-1:]
+                if inner == [out[0]] and any(sizes[c] > 1 for c in (*ro, *co) if c != out[0]):
+                    tie += _numel(dims, sizes)  # the batch innermost: GEMMs measured 2.5x slower writing it
+                found.append((copies + tie, copies, st, _Layout(dims, memory)))
     return found
 
 
@@ -329,25 +348,38 @@ def _out_orders(batched: bool) -> list[tuple[str, ...]]:
     return [("b", "m", "n"), ("b", "n", "m"), ("m", "b", "n"), ("n", "b", "m")]
 
 
-def _copy_cost(t: _Layout, groups: tuple[list[str], ...], sizes: dict[str, int]) -> float:
-    """Elements copied to read ``t`` as ``(batch, rows, cols)`` from these label groups: 0 for a view that BLAS
-    takes (every group consecutive in memory and in order, a unit stride in the matrix), else all of ``t``."""
+def _copy_cost(t: _Layout, groups: tuple[list[str], ...], sizes: dict[str, int], batch: str) -> float:
+    """What reading ``t`` as ``(batch, rows, cols)`` from these label groups copies: 0 for a view that BLAS takes
+    (every group consecutive in memory and in order, a unit stride in the matrix), else the weighted size of ``t``
+    (see :func:`_moved`)."""
     strides: dict[str, int] = {}
     s = 1
     for c in reversed(t.memory):
         strides[c] = s
         s *= sizes[c]
+    order = [c for g in groups for c in g]
     inner = []
     for g in groups:
         g = [c for c in g if sizes[c] > 1]
         for x, y in zip(g, g[1:]):
             if strides[x] != strides[y] * sizes[y]:
-                return float(_numel(t.dims, sizes))
+                return _moved([c for c in t.memory if sizes[c] > 1], order, sizes, batch)
         inner.append(strides[g[-1]] if g else None)
     matrix = [s for s in inner[1:] if s is not None]
     if matrix and 1 not in matrix:
-        return float(_numel(t.dims, sizes))
+        return _moved([c for c in t.memory if sizes[c] > 1], order, sizes, batch)
     return 0.0
+
+
+def _moved(memory: list[str], order: Any, sizes: dict[str, int], batch: str) -> float:
+    """The cost of copying a tensor from ``memory`` order into ``order``, in elements weighted by what was measured
+    (4096 x 32 x 32 floats, one thread): a copy that keeps the innermost label 1 (2.2 ms), one that moves it 4
+    (8.5 ms), one that moves the batch label from innermost 16 (57 ms)."""
+    new = [c for c in order if sizes[c] > 1]
+    numel = _numel(memory, sizes)
+    if not memory or not new or memory[-1] == new[-1]:
+        return float(numel)
+    return float(numel) * (16.0 if memory[-1] == batch else 4.0)
 
 
 def _reader(

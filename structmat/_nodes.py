@@ -22,6 +22,7 @@ from typing import Any
 
 import opt_einsum as oe
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from ._cost import Contraction, Cost, Rank
 from ._exec import Program, compile_program
@@ -107,6 +108,7 @@ class _Plan:
     expression: Any = None  # opt_einsum's compiled contraction, for paths torch's einsum does not take
     scale_at: int = -1  # the operand multiplied by the network's scale (a factor, k >= 1), or -1: the output
     program: Program | None = None  # the same path as GEMMs on views (see _exec), None: the einsum runs
+    linear: bool = False  # the program is F.linear(x, the one factor): applied without building operands
 
 
 class NetNode(Node):
@@ -165,15 +167,28 @@ class NetNode(Node):
             int(info.largest_intermediate),
         )
         program = compile_program(eq, [tuple(s) for s in shapes], [tuple(step) for step in path])
+        linear = program is not None and program.linear and self.heads is None and len(self._in_shape) == 1
         if len(shapes) > 2 and all(len(step) == 2 for step in path):
             return _Plan(eq, [i for pair in path for i in pair], contraction, scale_at=scale_at, program=program)
         if len(shapes) > 2:  # a path with single-operand steps (sums over a label only one operand has)
             expression = oe.contract_expression(eq, *shapes, optimize=path)
             return _Plan(eq, None, contraction, expression, scale_at, program)
-        return _Plan(eq, None, contraction, scale_at=scale_at, program=program)
+        return _Plan(eq, None, contraction, scale_at=scale_at, program=program, linear=linear)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
+        # the common case of a dense matrix: one F.linear, nothing else (never while tracing: the batch may be
+        # symbolic, and looking it up would specialize the graph to it)
+        if x.ndim == 2 and USE_ENGINE and not torch.compiler.is_compiling():
+            plan = self._plans.get((batch, False))
+            if plan is not None and plan.linear:
+                w = self.network.factors[0].fetch()
+                if w.dtype != x.dtype:  # only under autocast (the operator checks dtypes otherwise)
+                    w = w.to(x.dtype)
+                scale = self.network.scale
+                if scale == 1.0:
+                    return F.linear(x, w)
+                return F.linear(x, w * scale) if plan.scale_at > 0 else F.linear(x, w) * scale
         if x.ndim == 3 and self.heads is None:  # one operator for every head: fold the heads into the batch
             return self.apply(x.reshape(-1, self.n)).reshape(batch, x.shape[1], self.m)
         per_head = x.ndim == 3
