@@ -294,7 +294,7 @@ def _run_one(name: str, fn: SuiteFn | BaseException, size: str) -> tuple[list[di
     for k, row in enumerate(got):
         problem = _problems(row)
         if problem is None:  # plain floats and ints (a numpy scalar would not go into JSON)
-            rows.append({**row, **{k: kind(row[k]) for k, kind in _NUMBERS.items() if row[k] is not None}})
+            rows.append({**row, **{key: kind(row[key]) for key, kind in _NUMBERS.items() if row[key] is not None}})
         else:
             case = row.get("case", f"row {k}") if isinstance(row, dict) else f"row {k}"
             group = row.get("group", name) if isinstance(row, dict) else name
