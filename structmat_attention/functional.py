@@ -121,7 +121,8 @@ class Level:
             raise ValueError(f"{where}: give block_size={b} or window={w}, not both")
         object.__setattr__(self, "block_size", b)  # plain ints (numpy integers are accepted)
         object.__setattr__(self, "window", w)
-        sm.bilinear_split(self.op)  # computed now, outside any compiled region, and kept on the operator
+        sides = sm.bilinear_split(self.op)  # computed now, outside any compiled region, and kept on the operator
+        object.__setattr__(self, "_dense_sides", tuple(_dense_is_cheapest(side) for side in sides))
 
     @property
     def is_global(self) -> bool:
@@ -135,6 +136,14 @@ class Level:
         if self.window is not None:
             return (q_pos[:, None] - k_pos[None, :]).abs() < self.window
         return None
+
+
+def _dense_is_cheapest(side: sm.LinearOperator) -> bool:
+    """Whether applying ``side`` costs as much as a dense matrix of its shape (a plain factor such as a low-rank
+    side): then several levels' sides run as ONE matmul with their dense matrices stacked (:func:`_fused_sides`)."""
+    m, n = side.shape
+    flops = side.cost(1).flops
+    return flops > 0 and flops >= 2 * (side.heads or 1) * m * n
 
 
 def _as_levels(levels: sm.LinearOperator | Level | Sequence[Level], where: str) -> list[Level]:
@@ -172,6 +181,38 @@ def level_features(level: Level, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[
 def _level_features(level: Level, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     left, right = sm.bilinear_split(level.op)  # computed once, kept on the operator
     return _side(left, x_q), _side(right, x_k)
+
+
+def _all_level_features(
+    levels: Sequence[Level], x_q: torch.Tensor, x_k: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every level's ``(L x_q, R x_k)``. The sides that cost as much as their dense matrix and read the same tokens
+    (every query side, every key side, or both when ``x_q is x_k``) run as one matmul with their dense matrices
+    stacked, one GEMM instead of one small product per level and side (the features are then views of its output)."""
+    jobs = [
+        (i, j, side, x)
+        for i, lv in enumerate(levels)
+        for j, (side, x) in enumerate(zip(sm.bilinear_split(lv.op), (x_q, x_k)))
+    ]
+    out: list[list[torch.Tensor | None]] = [[None, None] for _ in levels]
+    groups: dict[tuple[int, int | None], list] = {}
+    for i, j, side, x in jobs:
+        if getattr(levels[i], "_dense_sides", (False, False))[j]:
+            groups.setdefault((id(x), side.heads), []).append((i, j, side, x))
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        x = group[0][3]
+        weight = torch.cat([side.dense().reshape(-1, x.shape[-1]) for _, _, side, _ in group])
+        widths = [(side.heads or 1) * side.shape[0] for _, _, side, _ in group]
+        parts = torch.matmul(x, weight.mT).split(widths, dim=-1)  # one split: its backward is one concatenation
+        for (i, j, side, _), part in zip(group, parts):
+            h = side.heads
+            out[i][j] = part.unflatten(-1, (h, side.shape[0])).movedim(-2, -3) if h is not None else part
+    for i, j, side, x in jobs:
+        if out[i][j] is None:
+            out[i][j] = _side(side, x)
+    return [(q, k) for q, k in out]  # type: ignore[misc]
 
 
 def resolve_scale(scale: float | str, width: int, where: str = "bilinear_scores") -> float:
@@ -253,7 +294,7 @@ def _features(
     """Every level's (checked) features, each side with a head dim when the levels are stacks."""
     qk_norm = _bool_arg(where, "qk_norm", qk_norm)
     resolve_scale(scale, 1, where)  # check before any work
-    feats = [(lv, *_level_features(lv, x_q, x_k)) for lv in levels]
+    feats = [(lv, q, k) for lv, (q, k) in zip(levels, _all_level_features(levels, x_q, x_k))]
     width = sum(q.shape[-1] for _, q, _ in feats)
     base = resolve_scale(scale, width, where)
     out = []

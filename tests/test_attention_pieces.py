@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import structmat as sm
-from structmat_attention import Level, attend, attention_features, mlr_attention, structured_attention
+from structmat_attention import Level, attend, attention_features, functional, mlr_attention, structured_attention
 from structmat_attention import _pieces as pieces
 from structmat_attention.functional import attention_path
 
@@ -255,3 +255,31 @@ def test_explicit_pieces_that_cannot_run_raises():
         attention_path(levels, 64, method="fast")
     with pytest.raises(TypeError, match=r"attention_path: mask must be a bool"):
         attention_path(levels, 64, mask=None)
+
+
+def test_fused_projections_equal_per_level_features():
+    """Sides that cost as much as their dense matrix (low-rank, dense) run as one stacked matmul per token set; the
+    features and their gradients equal each level's own (unfused) features. BTT sides and identity sides are not
+    fused; a single operator (no heads) mixes with stacks."""
+    levels = [
+        Level(None, sm.LowRank(6, 6, rank=2, heads=2, dtype=F64)),
+        Level(4, sm.Dense(6, 6, heads=2, dtype=F64)),
+        Level(2, sm.LowRank(6, 6, rank=1, heads=2, dtype=F64)),
+        Level(2, sm.BTT(6, 6, ranks=1, in_factors=(2, 3), out_factors=(2, 3), heads=2, dtype=F64)),
+    ]
+    assert [lv._dense_sides for lv in levels][::3] == [(True, True), (False, False)]
+    for same in (True, False):
+        x_q = torch.randn(2, 7, 6, dtype=F64, requires_grad=True)
+        x_k = x_q if same else torch.randn(2, 5, 6, dtype=F64, requires_grad=True)
+        fused = attention_features(x_q, x_k, levels)
+        params = [x_q, *(p for lv in levels for p in lv.op.parameters())]
+        weights = [torch.randn(t.shape, dtype=F64) for f in fused for t in (f.q, f.k)]
+        got = [t for f in fused for t in (f.q, f.k)]
+        ref = [t for lv in levels for t in functional.level_features(lv, x_q, x_k)]
+        ref = [b.unsqueeze(-3) if b.ndim < a.ndim else b for a, b in zip(got, ref)]  # a side shared by the heads
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+        g1 = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got, weights)), params)
+        g2 = torch.autograd.grad(sum((b * w).sum() for b, w in zip(ref, weights)), params)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b)
