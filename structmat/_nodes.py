@@ -24,6 +24,7 @@ import opt_einsum as oe
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from . import _freeze
 from ._cost import Contraction, Cost, Rank
 from ._exec import Program, compile_program
 from ._network import MAX_LABELS, Network, fuse, kron_networks
@@ -115,6 +116,7 @@ class NetNode(Node):
     """One tensor network, contracted by one einsum along a path planned once per batch size."""
 
     parts: tuple[int, ...] = ()  # a fused product: factors of each network, in factor order (see _paths.best_path)
+    frozen: bool = False  # marked by LinearOperator.freeze(): constant-aware execution in every mode (see _freeze)
 
     def __init__(self, network: Network) -> None:
         count = len(network.labels())
@@ -176,10 +178,15 @@ class NetNode(Node):
         return _Plan(eq, None, contraction, scale_at=scale_at, program=program, linear=linear)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        compiling = torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference_mode_enabled
+        if not compiling and (self.frozen or torch.is_inference_mode_enabled()):
+            y = _freeze.try_frozen(self, x)  # None: the ordinary plan is cheaper, or gradients are needed
+            if y is not None:
+                return y
         batch = x.shape[0]
         # the common case of a dense matrix: one F.linear, nothing else (never while tracing: the batch may be
         # symbolic, and looking it up would specialize the graph to it)
-        if x.ndim == 2 and USE_ENGINE and not torch.compiler.is_compiling():
+        if x.ndim == 2 and USE_ENGINE and not compiling:
             plan = self._plans.get((batch, False))
             if plan is not None and plan.linear:
                 w = self.network.factors[0].fetch()
@@ -218,6 +225,8 @@ class NetNode(Node):
         return y.reshape(batch, self.heads, self.m) if self.heads is not None else y.reshape(batch, self.m)
 
     def cost(self, batch: int, h: int = 0) -> Cost:
+        if self.frozen:
+            return _freeze.frozen_cost(self, batch, h)
         if h and self.heads is None:
             c = self._plan(batch * h, False).contraction
         else:
