@@ -322,12 +322,17 @@ def _leaf_scores(plan: PiecesPlan, q: torch.Tensor, k: torch.Tensor) -> torch.Te
 
 
 def _leaf_forward(plan: PiecesPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The leaf blocks' output and log-sum-exp ``(N, H, T_pad, ...)``, and their probabilities ``(M, L, L)`` (kept
+    for the backward: ``O(T · L)``, cheaper than recomputing the scores)."""
     s = _leaf_scores(plan, q, k)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s.sub_(lse.unsqueeze(-1)))
+    top = s.amax(dim=-1, keepdim=True)  # finite: a row always sees its own key
+    p = s.sub_(top).exp_()
+    denom = p.sum(dim=-1, keepdim=True)
+    p.div_(denom)
     n, h = q.shape[:2]
     out = torch.bmm(p, _leaf_view(v, plan))
-    return out.view(n, h, plan.t_pad, plan.width), lse.view(n, h, plan.t_pad)
+    lse = (top + denom.log_()).view(n, h, plan.t_pad)
+    return out.view(n, h, plan.t_pad, plan.width), lse, p
 
 
 def _leaf_backward(
@@ -338,17 +343,23 @@ def _leaf_backward(
     do: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    p_leaf: torch.Tensor,
+    lse_leaf: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The leaf blocks' share of dq, dk, dv (``(N, H, T_pad, D)`` each), from the merged output and global lse."""
+    """The leaf blocks' share of dq, dk, dv (``(N, H, T_pad, D)`` each), from the merged output and the global
+    log-sum-exp: the global probabilities are the leaf's rescaled by ``exp(lse_leaf - lse)``."""
     size, d, w = plan.sizes[plan.leaf], plan.width, plan.prefix[plan.leaf]  # type: ignore[index]
     n, h = q.shape[:2]
-    s = _leaf_scores(plan, q, k)
-    p = torch.exp(s.sub_(_leaf_view(lse, plan).unsqueeze(-1)))
+    rescale = torch.exp(_leaf_view(lse_leaf, plan) - _leaf_view(lse, plan)).unsqueeze(-1)
+    p = p_leaf * rescale
     do_l, v_l = _leaf_view(do, plan), _leaf_view(v, plan)
     dv = torch.bmm(p.mT, do_l).view(n, h, plan.t_pad, d)
     delta = (do_l * _leaf_view(out, plan)).sum(-1, keepdim=True)
-    ds = p.mul_(torch.bmm(do_l, v_l.mT).sub_(delta))
-    dq, dk = (q.new_zeros(n, h, plan.t_pad, d) for _ in range(2))
+    ds = p.mul_(torch.baddbmm(delta.neg_(), do_l, v_l.mT))  # p * (do v^T - delta)
+    dq, dk = (q.new_empty(n, h, plan.t_pad, d) for _ in range(2))
+    if plan.prefix[-1] < d:  # the pad columns before the finest level's features
+        dq[..., : d - plan.prefix[-1]].zero_()
+        dk[..., : d - plan.prefix[-1]].zero_()
     qv, kv, dq_l, dk_l = (_leaf_view(x, plan) for x in (q, k, dq, dk))
     m = qv.shape[0]
     if w:
@@ -366,8 +377,7 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, o_p: torch.Tensor, l_p: torch.T
     """Fold a piece's output and log-sum-exp into the running ones (views of the same rows), in place."""
     l_p = l_p.reshape(lse.shape)
     new = torch.logaddexp(lse, l_p)
-    out.mul_(torch.exp(lse - new).unsqueeze(-1))
-    out.add_(o_p.view(out.shape) * torch.exp(l_p - new).unsqueeze(-1))
+    out.mul_(torch.exp(lse - new).unsqueeze(-1)).addcmul_(o_p.view(out.shape), torch.exp(l_p - new).unsqueeze(-1))
     lse.copy_(new)
 
 
@@ -386,7 +396,8 @@ class _PiecesAttention(torch.autograd.Function):
         n, h = q.shape[:2]
         m = len(plan.sizes) - 1
         if plan.leaf is not None:
-            out, lse = _leaf_forward(plan, q, k, vb)
+            out, lse, p_leaf = _leaf_forward(plan, q, k, vb)
+            leaf = (p_leaf, lse.clone())  # the merges below update lse in place
         else:
             out, lse = flash(
                 _finest(_window(q, plan, m), plan), _finest(_window(k, plan, m), plan), _finest(vb, plan), 0.0,
@@ -402,7 +413,7 @@ class _PiecesAttention(torch.autograd.Function):
             o_p, l_p = flash(qa, ka, va, 0.0, False, attn_mask=mask, scale=1.0)
             _merge(*(_rows(x, plan, pc.depth, pc.a, pc.a + 1) for x in (out, lse)), o_p, l_p)
         ctx.setup = (plan, lead, consts, v.shape, [x.shape for x in qk])
-        ctx.save_for_backward(q, k, vb, out, lse)
+        ctx.save_for_backward(q, k, vb, out, lse, *(leaf if plan.leaf is not None else ()))
         result = out[:, :, : plan.t, : v.shape[-1]]
         return result.reshape(*lead, plan.t, v.shape[-1])
 
@@ -410,7 +421,7 @@ class _PiecesAttention(torch.autograd.Function):
     def backward(ctx, dout):  # type: ignore[override]
         backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         plan, lead, consts, v_shape, qk_shapes = ctx.setup
-        q, k, vb, out, lse = ctx.saved_tensors
+        q, k, vb, out, lse, *leaf = ctx.saved_tensors
         n, h = q.shape[:2]
         t, d, d_v = plan.t, plan.width, v_shape[-1]
         if t == plan.t_pad and d == d_v:
@@ -420,7 +431,7 @@ class _PiecesAttention(torch.autograd.Function):
             do[:, :, :t, :d_v] = dout.reshape(n, h, t, d_v)
         m = len(plan.sizes) - 1
         if plan.leaf is not None:
-            dq, dk, dv = _leaf_backward(plan, q, k, vb, do, out, lse)
+            dq, dk, dv = _leaf_backward(plan, q, k, vb, do, out, lse, *leaf)
         else:
             dq, dk, dv = backward(
                 _finest(do, plan), _finest(_window(q, plan, m), plan), _finest(_window(k, plan, m), plan),

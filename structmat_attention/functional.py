@@ -122,7 +122,11 @@ class Level:
         object.__setattr__(self, "block_size", b)  # plain ints (numpy integers are accepted)
         object.__setattr__(self, "window", w)
         sides = sm.bilinear_split(self.op)  # computed now, outside any compiled region, and kept on the operator
-        object.__setattr__(self, "_dense_sides", tuple(_dense_is_cheapest(side) for side in sides))
+        dense = tuple(_dense_is_cheapest(side) for side in sides)
+        object.__setattr__(self, "_dense_sides", dense)
+        object.__setattr__(
+            self, "_side_params", tuple(_param_of(self.op, s) if d else None for s, d in zip(sides, dense))
+        )
 
     @property
     def is_global(self) -> bool:
@@ -144,6 +148,32 @@ def _dense_is_cheapest(side: sm.LinearOperator) -> bool:
     m, n = side.shape
     flops = side.cost(1).flops
     return flops > 0 and flops >= 2 * (side.heads or 1) * m * n
+
+
+def _param_of(op: sm.LinearOperator, side: sm.LinearOperator) -> tuple[str, bool] | None:
+    """``(name, transposed)`` when ``side``'s dense matrix IS one of ``op``'s parameters (a low-rank side is a factor,
+    a dense side the weight), found once by value: then the features read the parameter itself, not ``dense()``."""
+    try:
+        if side.device.type == "meta":
+            return None
+        d = side.dense().detach()
+    except (RuntimeError, ValueError, NotImplementedError):  # an operator without a dense form here: no shortcut
+        return None
+    for name, p in op.named_parameters():
+        for transposed in (False, True):
+            m = p.detach().mT if transposed else p.detach()
+            if m.shape == d.shape and torch.equal(m, d):
+                return name, transposed
+    return None
+
+
+def _side_matrix(level: Level, j: int, side: sm.LinearOperator) -> torch.Tensor:
+    """The dense matrix of side ``j`` of ``level``'s split: its parameter when :func:`_param_of` found one."""
+    found = getattr(level, "_side_params", (None, None))[j]
+    if found is None:
+        return side.dense()
+    p = level.op.get_parameter(found[0])
+    return p.mT if found[1] else p
 
 
 def _as_levels(levels: sm.LinearOperator | Level | Sequence[Level], where: str) -> list[Level]:
@@ -203,7 +233,7 @@ def _all_level_features(
         if len(group) < 2:
             continue
         x = group[0][3]
-        weight = torch.cat([side.dense().reshape(-1, x.shape[-1]) for _, _, side, _ in group])
+        weight = torch.cat([_side_matrix(levels[i], j, side).reshape(-1, x.shape[-1]) for i, j, side, _ in group])
         widths = [(side.heads or 1) * side.shape[0] for _, _, side, _ in group]
         parts = torch.matmul(x, weight.mT).split(widths, dim=-1)  # one split: its backward is one concatenation
         for (i, j, side, _), part in zip(group, parts):

@@ -268,6 +268,8 @@ def test_fused_projections_equal_per_level_features():
         Level(2, sm.BTT(6, 6, ranks=1, in_factors=(2, 3), out_factors=(2, 3), heads=2, dtype=F64)),
     ]
     assert [lv._dense_sides for lv in levels][::3] == [(True, True), (False, False)]
+    assert levels[0]._side_params == (("U", True), ("V", False))  # the low-rank factors are read directly
+    assert levels[1]._side_params == (None, ("weight", False))  # Dense: identity query side, the weight
     for same in (True, False):
         x_q = torch.randn(2, 7, 6, dtype=F64, requires_grad=True)
         x_k = x_q if same else torch.randn(2, 5, 6, dtype=F64, requires_grad=True)
