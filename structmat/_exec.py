@@ -39,8 +39,6 @@ import torch.nn.functional as F  # noqa: N812
 __all__ = ["Program", "compile_program"]
 
 _BEAM = 24  # partial programs kept per step of the search (after merging those that leave the same layouts)
-_LOOP_MAX_BATCH = 128  # a loop of mm calls only for few, large products (the Python loop costs ~2 µs a call)
-_LOOP_MIN_WORK = 1 << 18  # multiply-adds of one product for the loop to pay its per-call cost
 
 
 # -- the program ------------------------------------------------------------------------------------------------------
@@ -60,9 +58,8 @@ class _Read:
 class _Step:
     a: _Read
     b: _Read
-    kernel: str  # "mm" | "bmm" | "linear" (F.linear(a, b): b read as (cols, k)) | "loop" (mm per matrix)
-    transposed: bool  # computed as (b^T a^T)^T: the output is column-major in each matrix
-    into: tuple[tuple[int, ...], tuple[int, ...]] | None  # (buffer shape, its permutation to (batch, m, n))
+    kernel: str  # "mm" | "bmm" | "linear" (F.linear(a, b): b read as (cols, k))
+    into: tuple[tuple[int, ...], tuple[int, ...]] | None  # (buffer shape, its permutation to ([batch,] m, n))
     out_shape: tuple[int, ...]  # the result split into its labels (batch, rows, cols)
 
 
@@ -130,15 +127,16 @@ class Program:
             b = _read(live[rb.index], rb)
             del live[rb.index]  # the path lists a step's operands in increasing order
             del live[ra.index]
-            kernel = st.kernel
-            if st.into is not None:
-                c = _Into.apply(a, b, st.into, kernel == "loop")
-            elif kernel == "linear":
+            if st.kernel == "linear":
                 c = F.linear(a, b)
-            elif st.transposed:
-                c = _matmul(b.mT, a.mT).mT
             else:
-                c = _matmul(a, b)
+                if a.dtype != b.dtype:  # only under autocast (the operator checks dtypes otherwise)
+                    dtype = torch.promote_types(a.dtype, b.dtype)
+                    a, b = a.to(dtype), b.to(dtype)
+                if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+                    c = _Gemm.apply(a, b, st.into, ra.expand, rb.expand)
+                else:
+                    c = _product(a, b, st.into, ra.expand, rb.expand)
             live.append(c.view(st.out_shape))
         y = live[0]
         if self.final_perm is not None:
@@ -152,8 +150,8 @@ def _read(t: torch.Tensor, r: _Read) -> torch.Tensor:
     if r.perm is not None:
         t = t.permute(r.perm)
     t = t.reshape(r.shape)
-    if r.expand:
-        return t.expand(r.expand, *r.shape[1:])
+    if r.expand:  # (1, rows, cols): broadcast by the kernel
+        return t
     if t.ndim == 3 and not _blas_ok(t):  # ATen would copy it slice by slice; one copy of the whole is cheaper
         t = t.contiguous()
     return t
@@ -166,36 +164,106 @@ def _blas_ok(t: torch.Tensor) -> bool:
     return ((sc == 1 or c == 1) and sr >= max(c, 1)) or ((sr == 1 or r == 1) and sc >= max(r, 1))
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.mm(a, b) if a.ndim == 2 else torch.bmm(a, b)
+_MANY = 256  # a batch of this many matrices or more: MKL's batched GEMM, fast only into a contiguous output
 
 
-class _Into(torch.autograd.Function):
-    """``a @ b`` (2-D or batched) written into a buffer of a chosen memory order (or by one ``mm`` per matrix);
-    backward: the two products of a matrix product, differentiable again."""
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` written into ``out`` (2-D, or a batch with matching or broadcast (stride 0) batches); ``out`` has a
+    unit stride in each matrix. A column-major ``out`` is computed as ``(b^T a^T)`` into its row-major transpose;
+    many small products with ``out`` in another order go through a contiguous buffer (ATen's batched GEMM writes
+    those slice by slice, measured 2x slower than the GEMM plus one copy)."""
+    if out.ndim == 2:
+        if out.stride(1) != 1 and out.stride(0) == 1:
+            torch.mm(b.mT, a.mT, out=out.mT)
+        else:
+            torch.mm(a, b, out=out)
+        return out
+    if out.is_contiguous():
+        torch.bmm(a, b, out=out)
+    elif out.mT.is_contiguous():
+        torch.bmm(b.mT, a.mT, out=out.mT)
+    elif out.shape[0] >= _MANY:
+        out.copy_(torch.bmm(a, b, out=a.new_empty(out.shape)))
+    else:
+        torch.bmm(a, b, out=out)
+    return out
+
+
+def _product(
+    a: torch.Tensor, b: torch.Tensor, into: tuple[tuple[int, ...], tuple[int, ...]], ea: int, eb: int
+) -> torch.Tensor:
+    """``a @ b`` into a new buffer of the memory order ``into``; ``ea``/``eb`` > 0: that operand is one matrix
+    ``(1, rows, cols)`` broadcast to ``ea``/``eb`` matrices."""
+    if ea:
+        a = a.expand(ea, *a.shape[1:])
+    if eb:
+        b = b.expand(eb, *b.shape[1:])
+    shape, perm = into
+    return _mm_into(a, b, a.new_empty(shape).permute(perm))
+
+
+def _sum_of_products(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``sum_z p[z] @ q[z]`` as ``(1, m, k)``: one GEMM with the batch folded into the contraction when both fold
+    as views (``p`` as ``(m, z j)``, ``q`` as ``(z j, k)``), else a batched GEMM and a sum over the batch."""
+    nb, m, j = p.shape
+    k = q.shape[2]
+    try:
+        pf = p.transpose(0, 1).view(m, nb * j)
+        qf = q.view(nb * j, k)
+    except RuntimeError:
+        pf = qf = None
+    if pf is not None and qf is not None and 1 in pf.stride() and 1 in qf.stride():
+        return torch.mm(pf, qf).unsqueeze(0)
+    return torch.bmm(p, q, out=p.new_empty(nb, m, k)).sum(0, keepdim=True)
+
+
+def _grad_buffer(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor laid out as ``t`` (when ``t`` is dense; contiguous otherwise): a gradient written there flows
+    back through the views ``t`` was read by without a copy."""
+    return torch.empty_like(t, memory_format=torch.preserve_format)
+
+
+class _Gemm(torch.autograd.Function):
+    """``a @ b`` (2-D or batched, an operand possibly broadcast) written into a buffer of a chosen memory order.
+
+    Backward: each operand's gradient is one GEMM written directly in that operand's layout (so that it flows back
+    through its views and into the step that produced it without a copy); a broadcast operand's gradient is the sum
+    over the batch, folded into the GEMM's contraction where the layouts allow. Under ``create_graph`` the backward
+    is made of differentiable torch ops instead (double backward)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, a: torch.Tensor, b: torch.Tensor, into: tuple[tuple[int, ...], tuple[int, ...]], loop: bool
+        ctx: Any, a: torch.Tensor, b: torch.Tensor, into: tuple[tuple[int, ...], tuple[int, ...]], ea: int, eb: int
     ) -> torch.Tensor:
-        shape, perm = into
-        c = a.new_empty(shape).permute(perm)
-        if loop:
-            for i in range(c.shape[0]):
-                torch.mm(a[i], b[i], out=c[i])
-        elif a.ndim == 2:
-            torch.mm(a, b, out=c)
-        else:
-            torch.bmm(a, b, out=c)
         ctx.save_for_backward(a, b)
-        return c
+        ctx.expand = (ea, eb)
+        return _product(a, b, into, ea, eb)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         a, b = ctx.saved_tensors
-        ga = _matmul(g, b.mT) if ctx.needs_input_grad[0] else None
-        gb = _matmul(a.mT, g) if ctx.needs_input_grad[1] else None
-        return ga, gb, None, None
+        ea, eb = ctx.expand
+        need_a, need_b = ctx.needs_input_grad[:2]
+        A = a.expand(ea, *a.shape[1:]) if ea else a
+        B = b.expand(eb, *b.shape[1:]) if eb else b
+        ga = gb = None
+        if torch.is_grad_enabled():  # double backward: the same products as differentiable ops
+            if need_a:
+                ga = torch.matmul(g, B.mT)
+                ga = ga.sum(0, keepdim=True) if ea else ga
+            if need_b:
+                gb = torch.matmul(A.mT, g)
+                gb = gb.sum(0, keepdim=True) if eb else gb
+            return ga, gb, None, None, None
+        if g.stride(-1) != 1 and g.stride(-2) != 1:
+            g = g.contiguous()
+        elif g.ndim == 3 and not _blas_ok(g):
+            g = g.contiguous()
+        if need_a:
+            ga = _sum_of_products(g, B.mT) if ea else _mm_into(g, B.mT, _grad_buffer(a))
+        if need_b:
+            gb = _sum_of_products(A.mT, g) if eb else _mm_into(A.mT, g, _grad_buffer(b))
+        return ga, gb, None, None, None
 
 
 # -- compiling a path ------------------------------------------------------------------------------------------------
@@ -322,7 +390,7 @@ def _options(
             for order in _out_orders(nb > 1):
                 memory = tuple(c for g in order for c in groups[g])
                 st = _make_step(reads, B, b_groups, ones_b, (nb, m, k, n), order, tuple(sizes[c] for c in dims))
-                tie = 0.0 if st.into is None else 0.5  # torch's own op (and its autograd) when it is as good
+                tie = 0.0 if order[0] == "b" else 0.5  # a batch of matrices each written whole, when as good
                 inner = [c for c in memory if sizes[c] > 1][-1:]
                 if inner == [out[0]] and any(sizes[c] > 1 for c in (*ro, *co) if c != out[0]):
                     tie += _numel(dims, sizes)  # the batch innermost: GEMMs measured 2.5x slower writing it
@@ -415,12 +483,9 @@ def _make_step(
             flat = [*b_groups[2], *b_groups[1], *ones_b]  # b read as (cols, k): F.linear's weight
             perm = tuple(B.dims.index(c) for c in flat)
             if perm == tuple(range(len(perm))) and not rb.sum_dims:
-                return _Step(ra, _Read(rb.index, None, (n, k), 0, ()), "linear", False, None, out_shape)
-            return _Step(ra, rb, "mm", False, None, out_shape)
-        return _Step(ra, rb, "mm", True, None, out_shape)
-    loop = not ra.expand and not rb.expand and nb <= _LOOP_MAX_BATCH and m * k * n >= _LOOP_MIN_WORK and n >= 2 * k
-    if order in (("b", "m", "n"), ("b", "n", "m")) and not loop:
-        return _Step(ra, rb, "bmm", order == ("b", "n", "m"), None, out_shape)
+                return _Step(ra, _Read(rb.index, None, (n, k), 0, ()), "linear", None, out_shape)
+            return _Step(ra, rb, "mm", ((m, n), (0, 1)), out_shape)
+        return _Step(ra, rb, "mm", ((n, m), (1, 0)), out_shape)
     dim_of = {"b": nb, "m": m, "n": n}
     shape = tuple(dim_of[g] for g in order)
-    return _Step(ra, rb, "loop" if loop else "bmm", False, (shape, tuple(order.index(g) for g in "bmn")), out_shape)
+    return _Step(ra, rb, "bmm", (shape, tuple(order.index(g) for g in "bmn")), out_shape)

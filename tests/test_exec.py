@@ -229,13 +229,81 @@ def test_double_backward_through_a_step_written_in_place():
     assert torch.autograd.gradgradcheck(lambda t: op(t), (x,))
 
 
-def test_loop_kernel_matches_bmm():
-    """The loop of mm calls (chosen for few large products with wide outputs) against torch.bmm."""
+_ORDERS = [((3, 5, 7), (0, 1, 2)), ((3, 7, 5), (0, 2, 1)), ((5, 3, 7), (1, 0, 2)), ((7, 3, 5), (1, 2, 0))]
+
+
+def _operand(shape: tuple[int, ...], layout: str) -> torch.Tensor:
+    """A float64 leaf of ``shape`` stored row-major, column-major in each matrix, or batch-in-the-middle."""
+    if layout == "row":
+        t = torch.randn(shape, dtype=F64)
+    elif layout == "col":
+        t = torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=F64).mT
+    else:
+        t = torch.randn(shape[1], shape[0], shape[2], dtype=F64).transpose(0, 1)
+    return t.requires_grad_(True)
+
+
+@pytest.mark.parametrize("into", _ORDERS)
+@pytest.mark.parametrize("layouts", [("row", "row"), ("col", "mid"), ("mid", "col")])
+def test_gemm_kernel_matches_bmm(into, layouts):
+    """The engine's GEMM step (output in each memory order, operands in several layouts) against torch.bmm: values,
+    gradients in float64, gradients laid out as their operands, and double backward."""
     torch.manual_seed(0)
-    a = torch.randn(3, 5, 2, dtype=F64, requires_grad=True)
-    b = torch.randn(3, 2, 7, dtype=F64, requires_grad=True)
-    into = ((5, 3, 7), (1, 0, 2))  # memory (m, batch, n)
-    c = _exec._Into.apply(a, b, into, True)
+    a = _operand((3, 5, 2), layouts[0])
+    b = _operand((3, 2, 7), layouts[1])
+    c = _exec._Gemm.apply(a, b, into, 0, 0)
     torch.testing.assert_close(c, torch.bmm(a, b))
-    assert c.stride() == (7, 21, 1)
-    assert torch.autograd.gradcheck(lambda p, q: _exec._Into.apply(p, q, into, True), (a, b))
+    shape, perm = into
+    assert c.permute(*[perm.index(d) for d in range(3)]).is_contiguous()  # written in the chosen memory order
+    g = torch.randn(3, 5, 7, dtype=F64)
+    ga, gb = torch.autograd.grad(c, (a, b), g)
+    ra, rb = torch.autograd.grad(torch.bmm(a, b), (a, b), g)
+    torch.testing.assert_close(ga, ra)
+    torch.testing.assert_close(gb, rb)
+    assert ga.stride() == a.stride() and gb.stride() == b.stride()
+    assert torch.autograd.gradcheck(lambda p, q: _exec._Gemm.apply(p, q, into, 0, 0), (a, b))
+    assert torch.autograd.gradgradcheck(lambda p, q: _exec._Gemm.apply(p, q, into, 0, 0), (a, b))
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("layout", ["row", "col", "mid"])
+@pytest.mark.parametrize("many", [False, True])
+def test_gemm_kernel_broadcast_operand(side, layout, many):
+    """One matrix broadcast over the batch (its gradient: a sum over the batch, one GEMM where the layouts fold, a
+    batched GEMM and a sum where they do not), and batches of many small products (MKL's batched path)."""
+    torch.manual_seed(0)
+    nb = _exec._MANY + 3 if many else 3
+    if side == "a":
+        w = torch.randn(1, 5, 2, dtype=F64, requires_grad=True)
+        x = _operand((nb, 2, 7), layout)
+        args, ref = (w, x, 0, 0), (w.expand(nb, 5, 2), x)
+        expand = (nb, 0)
+    else:
+        x = _operand((nb, 5, 2), layout)
+        w = torch.randn(1, 2, 7, dtype=F64, requires_grad=True)
+        args, ref = (x, w), (x, w.expand(nb, 2, 7))
+        expand = (0, nb)
+    for into in (((nb, 5, 7), (0, 1, 2)), ((nb, 7, 5), (0, 2, 1)), ((5, nb, 7), (1, 0, 2))):
+        c = _exec._Gemm.apply(*args[:2], into, *expand)
+        torch.testing.assert_close(c, torch.bmm(*ref))
+        g = torch.randn(nb, 5, 7, dtype=F64)
+        grads = torch.autograd.grad(c, args[:2], g)
+        grads_ref = torch.autograd.grad(torch.bmm(*ref), args[:2], g)
+        for got, want in zip(grads, grads_ref):
+            torch.testing.assert_close(got, want)
+    if not many:
+        f = lambda p, q: _exec._Gemm.apply(p, q, ((nb, 5, 7), (0, 1, 2)), *expand)  # noqa: E731
+        assert torch.autograd.gradcheck(f, args[:2])
+        assert torch.autograd.gradgradcheck(f, args[:2])
+
+
+@pytest.mark.parametrize("into", [((5, 7), (0, 1)), ((7, 5), (1, 0))])
+def test_gemm_kernel_single_matrix(into):
+    torch.manual_seed(0)
+    a = _operand((5, 2), "col")
+    b = _operand((2, 7), "row")
+    c = _exec._Gemm.apply(a, b, into, 0, 0)
+    torch.testing.assert_close(c, a @ b)
+    ga, gb = torch.autograd.grad(c, (a, b), torch.ones(5, 7, dtype=F64))
+    assert ga.stride() == a.stride() and gb.stride() == b.stride()
+    assert torch.autograd.gradcheck(lambda p, q: _exec._Gemm.apply(p, q, into, 0, 0), (a, b))
