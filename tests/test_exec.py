@@ -251,7 +251,7 @@ def test_gemm_kernel_matches_bmm(into, layouts):
     torch.manual_seed(0)
     a = _operand((3, 5, 2), layouts[0])
     b = _operand((3, 2, 7), layouts[1])
-    c = _exec._Gemm.apply(a, b, into, 0, 0)
+    c = _exec._Gemm.apply(a, b, into, 0, 0, (False, False))
     torch.testing.assert_close(c, torch.bmm(a, b))
     shape, perm = into
     assert c.permute(*[perm.index(d) for d in range(3)]).is_contiguous()  # written in the chosen memory order
@@ -261,8 +261,8 @@ def test_gemm_kernel_matches_bmm(into, layouts):
     torch.testing.assert_close(ga, ra)
     torch.testing.assert_close(gb, rb)
     assert ga.stride() == a.stride() and gb.stride() == b.stride()
-    assert torch.autograd.gradcheck(lambda p, q: _exec._Gemm.apply(p, q, into, 0, 0), (a, b))
-    assert torch.autograd.gradgradcheck(lambda p, q: _exec._Gemm.apply(p, q, into, 0, 0), (a, b))
+    assert torch.autograd.gradcheck(lambda p, q: _exec._Gemm.apply(p, q, into, 0, 0, (False, False)), (a, b))
+    assert torch.autograd.gradgradcheck(lambda p, q: _exec._Gemm.apply(p, q, into, 0, 0, (False, False)), (a, b))
 
 
 @pytest.mark.parametrize("side", ["a", "b"])
@@ -284,7 +284,7 @@ def test_gemm_kernel_broadcast_operand(side, layout, many):
         args, ref = (x, w), (x, w.expand(nb, 2, 7))
         expand = (0, nb)
     for into in (((nb, 5, 7), (0, 1, 2)), ((nb, 7, 5), (0, 2, 1)), ((5, nb, 7), (1, 0, 2))):
-        c = _exec._Gemm.apply(*args[:2], into, *expand)
+        c = _exec._Gemm.apply(*args[:2], into, *expand, (False, False))
         torch.testing.assert_close(c, torch.bmm(*ref))
         g = torch.randn(nb, 5, 7, dtype=F64)
         grads = torch.autograd.grad(c, args[:2], g)
@@ -292,7 +292,7 @@ def test_gemm_kernel_broadcast_operand(side, layout, many):
         for got, want in zip(grads, grads_ref):
             torch.testing.assert_close(got, want)
     if not many:
-        f = lambda p, q: _exec._Gemm.apply(p, q, ((nb, 5, 7), (0, 1, 2)), *expand)  # noqa: E731
+        f = lambda p, q: _exec._Gemm.apply(p, q, ((nb, 5, 7), (0, 1, 2)), *expand, (False, False))  # noqa: E731
         assert torch.autograd.gradcheck(f, args[:2])
         assert torch.autograd.gradgradcheck(f, args[:2])
 
@@ -302,8 +302,23 @@ def test_gemm_kernel_single_matrix(into):
     torch.manual_seed(0)
     a = _operand((5, 2), "col")
     b = _operand((2, 7), "row")
-    c = _exec._Gemm.apply(a, b, into, 0, 0)
+    c = _exec._Gemm.apply(a, b, into, 0, 0, (False, False))
     torch.testing.assert_close(c, a @ b)
     ga, gb = torch.autograd.grad(c, (a, b), torch.ones(5, 7, dtype=F64))
     assert ga.stride() == a.stride() and gb.stride() == b.stride()
-    assert torch.autograd.gradcheck(lambda p, q: _exec._Gemm.apply(p, q, into, 0, 0), (a, b))
+    assert torch.autograd.gradcheck(lambda p, q: _exec._Gemm.apply(p, q, into, 0, 0, (False, False)), (a, b))
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+def test_gemm_kernel_writes_a_factor_gradient_wide(layout):
+    """A factor's (tall) gradient is written wide in memory (MKL's faster orientation); values as torch.mm's."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 9, dtype=F64, requires_grad=True)
+    w = _operand((9, 2), layout)
+    c = _exec._Gemm.apply(x, w, ((6, 2), (0, 1)), 0, 0, (False, True))
+    g = torch.randn(6, 2, dtype=F64)
+    gx, gw = torch.autograd.grad(c, (x, w), g)
+    rx, rw = torch.autograd.grad(x @ w, (x, w), g)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+    assert gw.stride() == (1, 9) and gx.stride() == x.stride()
