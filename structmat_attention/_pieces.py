@@ -23,6 +23,19 @@ q, k and v: the features and values are zero-padded to ``D = max(Σ_l r_l, d_v)`
 with the MERGED output and the GLOBAL log-sum-exp, gives exactly that piece's share of dq, dk and dv, so the autograd
 function below saves only its inputs, the merged output and the log-sum-exp (memory ``O(T · D)``).
 
+Two refinements, both exact:
+
+- the leaf: blocks of at most :data:`LEAF` tokens (the first depth that small, and every depth below it inside them)
+  are computed with explicit scores in batched matmuls, ``(T / L, L, L)`` per head, whose probabilities are kept for
+  the backward (``O(T · L)``): the fused kernel's per-call overhead dominates on small blocks;
+- virtual depths: causally, finest blocks larger than the leaf are split further (by their smallest prime factor),
+  with no features of their own, so that their halves attend to each other non-causally (the kernel's fast case)
+  and only the small diagonal blocks are causal.
+
+The query and key buffers are ``2 D`` wide: the features sit in columns ``D - w_m .. D - 1`` (coarse levels last),
+zeros elsewhere, so depth ``i``'s prefix is the column window ``D - w_i .. 2 D - w_i - 1`` of both buffers: a view,
+no copy per depth.
+
 A sequence whose length is not a multiple of ``B_1`` is padded with zero tokens at the end. Causally, a padded key
 is only seen by padded queries (their output is cut off, their output gradient is 0, so they add nothing). Without
 causality, the pieces that hold padded keys get an additive mask of ``-1e30`` on them (finite: the kernel returns
@@ -161,7 +174,7 @@ def plan_pieces(
 @dataclass(frozen=True)
 class _Piece:
     """One fused call: the queries of child ``a`` attend to the keys of children ``b0 .. b1 - 1`` of every parent at
-    ``depth`` (``depth = m``: the finest blocks attend to themselves, ``a = 0``, ``b0 = 0``, ``b1 = 1``)."""
+    ``depth``, with the prefix features of that depth (the finest blocks or the leaf are not pieces)."""
 
     depth: int
     a: int
