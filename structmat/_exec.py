@@ -218,6 +218,24 @@ def _sum_of_products(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.bmm(p, q, out=p.new_empty(nb, m, k)).sum(0, keepdim=True)
 
 
+def _blas_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a matrix or a batch of them) as BLAS reads it without a copy: itself when it is, else copied into the
+    nearest memory order that is (the batch moved from innermost to just above the innermost dim: a copy of small
+    transposes that stays in cache, where ``.contiguous()`` could move the batch from innermost to outermost,
+    measured 15x slower)."""
+    if t.ndim == 2:
+        return t if 1 in t.stride() else t.contiguous()
+    if _blas_ok(t):
+        return t
+    order = sorted(range(3), key=lambda d: t.stride(d), reverse=True)  # memory order, outermost first
+    if order[-1] == 0 and t.shape[0] > 1:
+        order = [*order[:-2], 0, order[-2]]
+        buf = t.new_empty([t.shape[d] for d in order]).permute([order.index(d) for d in range(3)])
+        if _blas_ok(buf):
+            return buf.copy_(t)
+    return t.contiguous()
+
+
 def _grad_buffer(t: torch.Tensor, wide: bool) -> torch.Tensor:
     """An empty tensor laid out as ``t`` (when ``t`` is dense; contiguous otherwise): a gradient written there flows
     back through the views ``t`` was read by without a copy. ``wide``: a factor's matrix is written wide in memory
@@ -271,10 +289,7 @@ class _Gemm(torch.autograd.Function):
                 gb = torch.matmul(A.mT, g)
                 gb = gb.sum(0, keepdim=True) if eb else gb
             return ga, gb, None, None, None, None
-        if g.stride(-1) != 1 and g.stride(-2) != 1:
-            g = g.contiguous()
-        elif g.ndim == 3 and not _blas_ok(g):
-            g = g.contiguous()
+        g = _blas_layout(g)
         if need_a:
             ga = _sum_of_products(g, B.mT) if ea else _mm_into(g, B.mT, _grad_buffer(a, ctx.wide[0]))
         if need_b:
