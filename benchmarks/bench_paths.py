@@ -133,15 +133,19 @@ def run_cases(min_run_time: float, skip_timing: bool) -> None:
             print(line, flush=True)
 
 
+def _apply_parts(ops: list[sm.LinearOperator], x: torch.Tensor) -> torch.Tensor:
+    """The parts of a product applied one at a time, the last one first."""
+    for op in reversed(ops):
+        x = op(x)
+    return x
+
+
 def time_case(fused: sm.LinearOperator, ops: list[sm.LinearOperator], c: Any, found: Any, batch: int, t: float) -> str:
     x = torch.randn(batch, fused.shape[1])
     factors = [fa.fetch() for fa in fused._node.network.factors]
 
     def chain() -> torch.Tensor:
-        y = x
-        for op in reversed(ops):
-            y = op(y)
-        return y
+        return _apply_parts(ops, x)
 
     with torch.no_grad():
         expected = chain()
@@ -303,10 +307,7 @@ def _apply_row(name: str, ops: list[sm.LinearOperator], batch: int, min_run_time
     x = torch.randn(batch, fused.shape[1])
 
     def chain() -> torch.Tensor:
-        y = x
-        for op in reversed(ops):
-            y = op(y)
-        return y
+        return _apply_parts(ops, x)
 
     with torch.no_grad():
         W = fused.dense()
