@@ -422,10 +422,8 @@ def _options(
                 memory = tuple(c for g in order for c in groups[g])
                 st = _make_step(reads, B, b_groups, ones_b, (nb, m, k, n), order, tuple(sizes[c] for c in dims))
                 tie = 0.0 if order[0] == "b" else 0.5  # a batch of matrices each written whole, when as good
-                if nb == 1 and (m > n if order == ("b", "m", "n") else n > m):
-                    tie += 0.25  # one matrix: written wide in memory when as good (MKL writes it faster)
                 inner = [c for c in memory if sizes[c] > 1][-1:]
-                if nb > 1 and inner == [out[0]] and any(sizes[c] > 1 for c in (*ro, *co) if c != out[0]):
+                if inner == [out[0]] and any(sizes[c] > 1 for c in (*ro, *co) if c != out[0]):
                     tie += _numel(dims, sizes)  # the batch innermost: GEMMs measured 2.5x slower writing it
                 found.append((copies + tie, copies, st, _Layout(dims, memory)))
     return found
