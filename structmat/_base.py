@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize, prune
 
-from . import _freeze
+from . import _family, _freeze
 from ._cost import Cost, Rank
 from ._factors import check_int
 from ._nodes import Node
@@ -135,8 +135,10 @@ class LinearOperator(torch.nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Lower every operator as soon as its constructor returns (structure is fixed from then on), so that
-        applying it, traced by torch.compile or not, only reads the cached node."""
+        applying it, traced by torch.compile or not, only reads the cached node; and register the class's expression
+        name and projection rule (:func:`structmat._family.register`)."""
         super().__init_subclass__(**kwargs)
+        _family.register(cls)
         init = cls.__dict__.get("__init__")
         if init is None:
             return

@@ -1,14 +1,30 @@
-"""Building a family's network: register its factors as parameters (stacked when ``heads`` is given), initialize
-them by the spectral µP rule from their fans in the network, and return the :class:`Network`.
+"""What a family is made of, and the registry of families.
 
-Every single-network family (``Dense``, ``LowRank``, ``BlockTensorTrain``, ``Monarch``, ``TensorTrain``,
-``TensorNetwork`` …) is a spec handed to :func:`define_network`; nothing else about it is family-specific.
+A family is one file in ``structmat/operators/`` holding one :class:`~structmat.LinearOperator` subclass that says
+everything about itself:
+
+- its network: the constructor hands a spec to :func:`define_network` (factors registered as parameters, stacked
+  when ``heads`` is given, initialized by the spectral µP rule from their fans in the network);
+- its expression: the class attribute ``expr_name`` (the name :func:`structmat.parse` calls) and the method
+  ``_expr_args(self) -> (args, kwargs)`` (the arguments that rebuild the same structure; :func:`structmat.to_expr`
+  writes ``expr_name(*args, **kwargs)``, leaving out keywords whose value is None). ``expr_aliases`` maps further
+  names to a class attribute that builds (``{"diagonal": ""}``: the class itself; ``{"permute_axes":
+  "from_axes"}``); an operator written under an alias defines ``_expr_name(self)``;
+- its projection: the class attribute ``projection`` (one of :data:`PROJECTIONS`) and, for ``"closed form"``, the
+  method ``_project(self, A) -> bool`` that sets the parameters, in place, to the nearest member to ``A``
+  (``(m, n)``, or ``(H, m, n)`` for a stack) and returns True, or returns False where this instance has no closed
+  form (then :func:`structmat.project` falls back to gradient descent and logs that it did).
+
+Defining the class registers it (``LinearOperator.__init_subclass__`` calls :func:`register`): nothing else in the
+library names a family.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -16,7 +32,109 @@ from ._factors import check_optional_int
 from ._init import check_float_dtype, spectral_std
 from ._network import Factor, Network
 
-__all__ = ["define_network", "check_heads"]
+__all__ = [
+    "define_network",
+    "check_heads",
+    "register",
+    "register_expression",
+    "EXPRESSIONS",
+    "FAMILIES",
+    "PROJECTIONS",
+    "truncated_svd",
+    "train_expr_args",
+]
+
+#: The names an expression may call, each mapped to what builds it (a class, a class method, or a plain function such
+#: as ``dict``). Filled by :func:`register` when a class is defined and by :func:`register_expression`.
+EXPRESSIONS: dict[str, Callable[..., Any]] = {}
+
+#: Every operator class that declared an ``expr_name``, by that name.
+FAMILIES: dict[str, type] = {}
+
+#: The values of a family's ``projection`` attribute and what :func:`structmat.project` does for each:
+#: ``"closed form"`` calls the family's ``_project`` (optimal); ``"parts"`` projects each part onto its own structure
+#: (composites); ``"levels"`` runs block coordinate descent over the levels; ``"fixed"`` has no parameters (the only
+#: member of its structure); ``"gradient"`` is the explicit gradient fallback (L-BFGS or Adam from the operator's own
+#: parameters).
+PROJECTIONS = ("closed form", "parts", "levels", "fixed", "gradient")
+
+
+def register(cls: type) -> None:
+    """Register ``cls`` under its ``expr_name`` (and ``expr_aliases``) when it declares one in its own body.
+
+    Called by ``LinearOperator.__init_subclass__`` for every subclass; a class without ``expr_name`` in its body is
+    left out (it has no expression). Raises ValueError when ``projection`` is not one of :data:`PROJECTIONS` or the
+    name is taken by a different class (a class defined again under the same module and name replaces itself).
+    """
+    body = vars(cls)
+    projection = body.get("projection")
+    if projection is not None and projection not in PROJECTIONS:
+        raise ValueError(f"{cls.__name__}: projection must be one of {PROJECTIONS}, got {projection!r}")
+    name = body.get("expr_name")
+    if name is None:
+        return
+    names = {name: ""} | dict(body.get("expr_aliases", {}))
+    for key, attr in names.items():
+        old = EXPRESSIONS.get(key)
+        owner = getattr(old, "__self__", old)  # a class method's class
+        if old is not None and _key(owner) != _key(cls):
+            raise ValueError(f"{cls.__name__}: the expression name {key!r} is taken by {old!r}")
+    FAMILIES[name] = cls
+    for key, attr in names.items():
+        EXPRESSIONS[key] = getattr(cls, attr) if attr else cls
+
+
+def _key(obj: object) -> tuple[str, str]:
+    return getattr(obj, "__module__", ""), getattr(obj, "__qualname__", repr(obj))
+
+
+def register_expression(name: str, fn: Callable[..., Any]) -> None:
+    """Let expressions call ``name(...)``, built by ``fn`` (for helpers that are not operator classes, e.g. ``dict``)."""
+    old = EXPRESSIONS.get(name)
+    if old is not None and _key(old) != _key(fn):
+        raise ValueError(f"register_expression: the name {name!r} is taken by {old!r}")
+    EXPRESSIONS[name] = fn
+
+
+def train_expr_args(op: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``_expr_args`` of a train family (``BlockTensorTrain``, ``TensorTrain``): ``(m, n)`` and the ranks (one int
+    when they are all equal), with the factor splits only when the constructor would not choose the same ones."""
+    fin, fout = tuple(op.in_factors), tuple(op.out_factors)
+    m, n = op.shape
+    ranks: int | list[int] = op.ranks[0] if len(set(op.ranks)) == 1 else list(op.ranks)
+    splits: dict[str, Any] = {"in_factors": list(fin), "out_factors": list(fout)}
+    try:
+        with warnings.catch_warnings():  # a probe: the family's advice about its defaults is not for this call
+            warnings.simplefilter("ignore")
+            plain = type(op)(m, n, ranks=ranks, heads=op.heads, device="meta")
+    except (TypeError, ValueError):  # these ranks need the explicit splits
+        plain = None
+    if plain is not None and (tuple(plain.in_factors), tuple(plain.out_factors)) == (fin, fout):
+        splits = {}
+    return (m, n), {"ranks": ranks, **splits, "heads": op.heads}
+
+
+def truncated_svd(X: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X (..., p, q) ≈ L R`` with ``L (..., p, r)`` and ``R (..., r, q)``: the best rank-r fit (Eckart–Young), the
+    singular values split evenly (``L = U_r sqrt(S_r)``, ``R = sqrt(S_r) V_r^T``), zero-padded past the rank.
+
+    Example:
+        >>> import torch
+        >>> X = torch.outer(torch.arange(1.0, 4.0), torch.arange(1.0, 3.0))
+        >>> L, R = truncated_svd(X, 2)
+        >>> L.shape, R.shape, bool(torch.allclose(L @ R, X))
+        (torch.Size([3, 2]), torch.Size([2, 2]), True)
+    """
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    k = min(r, S.shape[-1])
+    root = S[..., :k].sqrt()
+    L = U[..., :k] * root.unsqueeze(-2)
+    R = Vh[..., :k, :] * root.unsqueeze(-1)
+    if k < r:
+        L = torch.cat([L, L.new_zeros(*L.shape[:-1], r - k)], dim=-1)
+        R = torch.cat([R, R.new_zeros(*R.shape[:-2], r - k, R.shape[-1])], dim=-2)
+    return L, R
+
 
 Init = Callable[[torch.Tensor, int, int], None]
 

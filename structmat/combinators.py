@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -108,6 +108,8 @@ class Sum(LinearOperator):
     def _operands(self) -> tuple[LinearOperator, ...]:
         return tuple(self.terms)
 
+    projection: ClassVar[str] = "gradient"  # written ``A + B``; no closed form for a sum of structures
+
     def _lower(self) -> Node:
         return _nodes.add([op._node for op in self.terms])
 
@@ -136,6 +138,8 @@ class Product(LinearOperator):
     def _operands(self) -> tuple[LinearOperator, ...]:
         return tuple(self.factors)
 
+    projection: ClassVar[str] = "gradient"  # written ``A @ B``; no closed form for a product of structures
+
     def _lower(self) -> Node:
         parts = [op._node for op in self.factors]
         return check_scales(_nodes.compose(parts), parts)
@@ -163,6 +167,12 @@ class Transpose(LinearOperator):
     @property
     def T(self) -> LinearOperator:  # noqa: N802
         return self.op
+
+    expr_name: ClassVar[str] = "transpose"  # written ``A.T``; ``transpose(A)`` when ``A`` is a transpose
+    projection: ClassVar[str] = "parts"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self.op,), {}
 
     def _lower(self) -> Node:
         return self.op._node.transpose()
@@ -214,6 +224,12 @@ class Kronecker(LinearOperator):
 
     def _operands(self) -> tuple[LinearOperator, ...]:
         return tuple(self.parts)
+
+    expr_name: ClassVar[str] = "kron"
+    projection: ClassVar[str] = "parts"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return tuple(self.parts), {}
 
     def _lower(self) -> Node:
         parts = [op._node for op in self.parts]
@@ -299,6 +315,13 @@ class BlockDiagonal(LinearOperator):
     def _operands(self) -> tuple[LinearOperator, ...]:
         return tuple(self.blocks)
 
+    expr_name: ClassVar[str] = "block_diag"
+    projection: ClassVar[str] = "parts"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        stacked = len(self.blocks) == 1 and self.heads is not None
+        return tuple(self.blocks), {"heads": self.heads if stacked else None}
+
     def _lower(self) -> Node:
         if len(self.blocks) == 1 and self.blocks[0].heads is not None:
             return _nodes.stack_blocks(self.blocks[0]._node, self.heads)
@@ -331,6 +354,8 @@ class Scaled(LinearOperator):
 
     def _describe(self) -> tuple[str, str]:
         return "Scaled", f"scale={self.scale:g}"
+
+    projection: ClassVar[str] = "parts"  # written ``c * A``
 
     def _lower(self) -> Node:
         return check_scales(self.op._node.scaled(self.scale), [self.op._node], self.scale)

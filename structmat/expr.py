@@ -32,20 +32,19 @@ parameters between the two terms (that is how :func:`to_expr` writes an operator
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import numbers
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
+from . import operators as _operators  # noqa: F401 - defining the families registers their expressions
 from ._base import LinearOperator
-from .combinators import BlockDiagonal, Kronecker, Product, Scaled, Sum, Transpose
-from .operators import Dense, Diagonal, Identity, MultiLevel, Permutation, TensorNetwork
+from ._family import EXPRESSIONS, register_expression
+from .combinators import Product, Scaled, Sum, Transpose
 
 __all__ = ["parse", "to_expr", "REGISTRY"]
 
@@ -53,59 +52,21 @@ __all__ = ["parse", "to_expr", "REGISTRY"]
 # ----------------------------------------------------------------------------------------------------------------------
 # The whitelist
 # ----------------------------------------------------------------------------------------------------------------------
-class _Family:
-    """A registry entry for a family class looked up on the ``structmat`` package when it is called, so that this
-    module imports whether or not the family exists yet."""
-
-    def __init__(self, attr: str) -> None:
-        self.attr = attr
-
-    def resolve(self) -> Callable[..., LinearOperator]:
-        package = importlib.import_module(__package__ or "structmat")
-        cls = getattr(package, self.attr, None)  # a fixed name from this module, never user text
-        if cls is None:
-            raise LookupError(f"structmat.{self.attr}, which this version of structmat does not have")
-        return cls
-
-    def __call__(self, *args: Any, **kwargs: Any) -> LinearOperator:
-        return self.resolve()(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"structmat.{self.attr}"
-
-
-def _permute_axes(sizes: Sequence[int], order: Sequence[int]) -> Permutation:
-    """``Permutation.from_axes(sizes, order)``: view the input as ``sizes``, permute the axes, flatten."""
-    return Permutation.from_axes(sizes, order)
-
-
 def _mapping(**items: Any) -> dict[str, Any]:
     """``dict(o=5, i=7)``: a mapping from names to values (the ``sizes`` of a ``tensor_network``)."""
     return dict(items)
 
 
+register_expression("dict", _mapping)
+
 #: The names an expression may call. Each maps to a constructor that takes the call's positional and keyword
-#: arguments; ``dtype``/``device`` are passed on to every constructor whose signature names them. A new family adds one
-#: line here (and one printer in ``_FAMILY_PRINTERS`` below, for :func:`to_expr`).
-REGISTRY: dict[str, Callable[..., Any]] = {
-    "dense": Dense,
-    "identity": Identity,
-    "diag": Diagonal,
-    "diagonal": Diagonal,
-    "kron": Kronecker,
-    "block_diag": BlockDiagonal,
-    "transpose": Transpose,
-    "permutation": Permutation,
-    "permute_axes": _permute_axes,
-    "tensor_network": TensorNetwork,
-    "multilevel": MultiLevel,
-    "dict": _mapping,
-    "lowrank": _Family("LowRank"),
-    "btt": _Family("BlockTensorTrain"),
-    "monarch": _Family("Monarch"),
-    "tt": _Family("TensorTrain"),
-    "mlr": _Family("MultiLevelLowRank"),
-}
+#: arguments; ``dtype``/``device`` are passed on to every constructor whose signature names them. Filled by the
+#: operator classes themselves: a class that declares ``expr_name`` (and ``_expr_args`` for :func:`to_expr`) is
+#: registered when it is defined (see :mod:`structmat._family`), so a new family adds nothing here.
+REGISTRY: dict[str, Callable[..., Any]] = EXPRESSIONS
+
+#: The composites written with operators rather than a call: ``A + B``, ``A @ B``, ``c * A`` and ``A.T``.
+SYNTAX: dict[type, str] = {Sum: "+", Product: "@", Scaled: "*", Transpose: ".T"}
 
 _RESERVED_KEYWORDS = ("dtype", "device")
 _SHOWN = 60  # characters of the text shown on either side of an error's position
@@ -657,11 +618,6 @@ class _Builder:
 
     def call(self, node: _Call) -> LinearOperator:
         ctor = REGISTRY[node.name]
-        if isinstance(ctor, _Family):
-            try:
-                ctor = ctor.resolve()
-            except LookupError as e:
-                raise self.fail(node.pos, f"{node.name}() is not available", f": it needs {e}") from None
         args = [self.build(a) for a in node.args]
         kwargs = {key: self.build(v) for key, _, v in node.kwargs}
         sig = _signature(ctor)
@@ -768,90 +724,43 @@ def _literal(value: Any) -> str:
     raise ValueError(f"to_expr: cannot write the value {value!r} of type {type(value).__name__}")
 
 
-def _call(name: str, *args: Any, **kwargs: Any) -> str:
-    """``name(a, b, key=value)``, skipping keywords whose value is None (the constructors' default)."""
-    parts = [_literal(a) for a in args] + [f"{k}={_literal(v)}" for k, v in kwargs.items() if v is not None]
-    return f"{name}({', '.join(parts)})"
+def _expr_call(op: LinearOperator) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """``(name, args, kwargs)`` of an operator written as a call: its class's ``expr_name`` (or its ``_expr_name()``,
+    for an operator written under an alias) and its ``_expr_args()``."""
+    name = getattr(type(op), "expr_name", None)
+    if name is None or not hasattr(op, "_expr_args"):
+        raise ValueError(f"to_expr: {type(op).__name__} has no expression")
+    if hasattr(op, "_expr_name"):
+        name = op._expr_name()
+    args, kwargs = op._expr_args()
+    return name, tuple(args), dict(kwargs)
 
 
-def _ranks(ranks: tuple[int, ...]) -> int | list[int]:
-    """Bond ranks as written: one int when they are all equal (the constructors accept both)."""
-    return ranks[0] if len(set(ranks)) == 1 else list(ranks)
+def _operators_in(values: Any) -> list[LinearOperator]:
+    """The operators among (nested lists and tuples of) argument values, in order."""
+    if isinstance(values, LinearOperator):
+        return [values]
+    if isinstance(values, (list, tuple)):
+        return [op for v in values for op in _operators_in(v)]
+    return []
 
 
-def _train(name: str, op: Any) -> str:
-    """``btt(...)``/``tt(...)``: the factor splits are left out when the constructor would choose the same ones."""
-    fin, fout = tuple(op.in_factors), tuple(op.out_factors)
-    m, n = op.shape
-    ranks = _ranks(tuple(op.ranks))
-    splits: dict[str, Any] = {"in_factors": list(fin), "out_factors": list(fout)}
-    try:
-        with warnings.catch_warnings():  # a probe: the family's advice about its defaults is not for this call
-            warnings.simplefilter("ignore")
-            plain = type(op)(m, n, ranks=ranks, heads=op.heads, device="meta")
-    except (TypeError, ValueError):  # these ranks need the explicit splits
-        plain = None
-    if plain is not None and (tuple(plain.in_factors), tuple(plain.out_factors)) == (fin, fout):
-        splits = {}
-    return _call(name, m, n, ranks=ranks, **splits, heads=op.heads)
+def _children(
+    op: LinearOperator, calls: dict[int, tuple[str, tuple[Any, ...], dict[str, Any]]]
+) -> list[LinearOperator]:
+    """The operands the printer writes out: those of ``+ @ * .T``, else the operators among the call's arguments (a
+    family written by its sizes has none). ``calls`` caches each operator's call by id."""
+    if type(op) in SYNTAX:
+        return list(op._operands())
+    if id(op) not in calls:
+        calls[id(op)] = _expr_call(op)
+    _, args, kwargs = calls[id(op)]
+    return _operators_in([*args, *kwargs.values()])
 
 
-def _tensor_network(op: TensorNetwork) -> str:
-    """``tensor_network(spec, sizes=dict(...), heads=H)`` with the size of every label, read from the factors' shapes
-    and the network's input and output modes."""
-    from .operators.tensor_network import _parse as parse_spec
-
-    out, terms = parse_spec(op.spec)
-    lead = 0 if op.heads is None else 1
-    known: dict[str, int] = {}
-    for name, labels in terms:
-        if name != "x":
-            known.update(zip(labels, getattr(op, name).shape[lead:]))
-    network = op._network
-    known.update(zip(dict(terms)["x"], (size for _, size in network.in_modes)))
-    known.update(zip(out, (size for _, size in network.out_modes)))
-    order = [*out, *(lab for _, labels in terms for lab in labels)]
-    sizes = {lab: int(known[lab]) for lab in dict.fromkeys(order)}
-    return _call("tensor_network", op.spec, sizes=sizes, heads=op.heads)
-
-
-#: Printers of the families, keyed by their class name on the ``structmat`` package (looked up when ``to_expr`` runs,
-#: so a family that does not exist yet costs nothing). Each returns a call of the family's :data:`REGISTRY` name whose
-#: arguments rebuild the same structure; a new family adds one line here and one in ``REGISTRY``, and
-#: tests/test_expr.py round-trips it.
-_FAMILY_PRINTERS: dict[str, Callable[[Any], str]] = {
-    "LowRank": lambda op: _call("lowrank", *op.shape, rank=op.rank_, heads=op.heads),
-    "BlockTensorTrain": lambda op: _train("btt", op),
-    "Monarch": lambda op: _call("monarch", *op.shape, nblocks=op.nblocks, heads=op.heads),
-    "TensorTrain": lambda op: _train("tt", op),
-    "MultiLevelLowRank": lambda op: _call(
-        "mlr",
-        *op.shape,
-        ranks=list(op.ranks),
-        blocks=[_level_blocks(op.shape, part) for part in op.blocks],
-        heads=op.heads,
-    ),
-}
-
-
-def _level_blocks(shape: tuple[int, int], part: Sequence[tuple[int, int]]) -> int | list[list[int]]:
-    """One level's blocks as written: their number when they split ``shape`` equally, else their ``[rows, cols]``."""
-    k = len(part)
-    m, n = shape
-    if m % k == 0 and n % k == 0 and all(tuple(b) == (m // k, n // k) for b in part):
-        return k
-    return [list(b) for b in part]
-
-
-_COMPOSITES = (Sum, Product, Scaled, Transpose, Kronecker, BlockDiagonal, MultiLevel)
-
-
-def _children(op: LinearOperator) -> tuple[LinearOperator, ...]:
-    """The operands the printer writes out (a family is written by its arguments, so it has none here)."""
-    return op._operands() if isinstance(op, _COMPOSITES) else ()
-
-
-def _walk(root: LinearOperator) -> tuple[dict[int, int], list[LinearOperator]]:
+def _walk(
+    root: LinearOperator, calls: dict[int, tuple[str, tuple[Any, ...], dict[str, Any]]]
+) -> tuple[dict[int, int], list[LinearOperator]]:
     """How often each operator object is used under ``root`` (by id), and the distinct operators in post-order
     (children first). Iterative, so that a deep operator is no problem; a shared operator is entered once."""
     uses: dict[int, int] = {}
@@ -867,7 +776,7 @@ def _walk(root: LinearOperator) -> tuple[dict[int, int], list[LinearOperator]]:
             continue
         uses[id(op)] = 1
         stack.append((op, True))
-        stack.extend((child, False) for child in reversed(_children(op)))
+        stack.extend((child, False) for child in reversed(_children(op, calls)))
     return uses, post
 
 
@@ -888,8 +797,9 @@ class _Printer:
     """Writes one operator; operators used more than once are named (``v1 = ...;``) and written once."""
 
     def __init__(self, root: LinearOperator) -> None:
-        uses, post = _walk(root)
-        _check_sharing([op for op in post if not _children(op)])
+        self.calls: dict[int, tuple[str, tuple[Any, ...], dict[str, Any]]] = {}
+        uses, post = _walk(root, self.calls)
+        _check_sharing([op for op in post if not _children(op, self.calls)])
         taken = set(REGISTRY)
         self.names: dict[int, str] = {}
         self.shared = [op for op in post if uses[id(op)] > 1]
@@ -950,38 +860,17 @@ class _Printer:
             if isinstance(op.op, Transpose):  # X.T would give X.op back: Transpose(Transpose(A)) is written explicitly
                 return f"transpose({self.text(op.op)[0]})", _POSTFIX
             return self.operand(op.op, _POSTFIX) + ".T", _POSTFIX
-        if isinstance(op, Kronecker):
-            return "kron(" + ", ".join(self.text(p)[0] for p in op.parts) + ")", _POSTFIX
-        if isinstance(op, BlockDiagonal):
-            blocks = [self.text(b)[0] for b in op.blocks]
-            stacked = len(op.blocks) == 1 and op.heads is not None
-            return "block_diag(" + ", ".join(blocks) + (f", heads={op.heads}" if stacked else "") + ")", _POSTFIX
-        if isinstance(op, MultiLevel):
-            levels = ", ".join(self.text(level)[0] for level in op.levels)
-            return f"multilevel({op.shape[0]}, {op.shape[1]}, [{levels}])", _POSTFIX
-        return _leaf(op), _POSTFIX
+        name, args, kwargs = self.calls[id(op)] if id(op) in self.calls else _expr_call(op)
+        parts = [self.value(a) for a in args] + [f"{k}={self.value(v)}" for k, v in kwargs.items() if v is not None]
+        return f"{name}({', '.join(parts)})", _POSTFIX
 
-
-def _leaf(op: LinearOperator) -> str:
-    """A leaf or a family: a call of its :data:`REGISTRY` name with its structural arguments."""
-    if isinstance(op, Dense):
-        return _call("dense", *op.shape, heads=op.heads)
-    if isinstance(op, Identity):
-        return _call("identity", op.shape[0], heads=op.heads)
-    if isinstance(op, Diagonal):
-        return _call("diag", op.shape[0], heads=op.heads)
-    if isinstance(op, Permutation):
-        if op._axes is not None:  # a reshape-transpose: its sizes and order, never the index vector
-            return _call("permute_axes", list(op._axes[0]), list(op._axes[1]))
-        return _call("permutation", list(op.perm))
-    if isinstance(op, TensorNetwork):
-        return _tensor_network(op)
-    package = importlib.import_module(__package__ or "structmat")
-    for attr, printer in _FAMILY_PRINTERS.items():
-        cls = getattr(package, attr, None)
-        if cls is not None and type(op) is cls:
-            return printer(op)
-    raise ValueError(f"to_expr: {type(op).__name__} has no expression")
+    def value(self, value: Any) -> str:
+        """An argument as text: an operator by its expression, a list of values as ``[...]``, else a literal."""
+        if isinstance(value, LinearOperator):
+            return self.text(value)[0]
+        if isinstance(value, (list, tuple)) and _operators_in(value):
+            return "[" + ", ".join(self.value(v) for v in value) + "]"
+        return _literal(value)
 
 
 def to_expr(op: LinearOperator) -> str:

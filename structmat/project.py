@@ -55,6 +55,7 @@ For a stack of H heads, ``A`` is ``(H, m, n)`` and each head is projected onto i
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import numbers
 from dataclasses import dataclass
@@ -63,14 +64,13 @@ from typing import Literal
 import torch
 
 from ._base import LinearOperator
+from ._family import truncated_svd as _truncated_svd
 from .combinators import BlockDiagonal, Kronecker, Scaled, Transpose
-from .operators.btt import BlockTensorTrain
 from .operators.dense import Dense
-from .operators.diagonal import Diagonal
-from .operators.lowrank import LowRank
-from .operators.monarch import Monarch
 
 __all__ = ["project"]
+
+logger = logging.getLogger("structmat")
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -199,26 +199,22 @@ def _check_target(A: object, like: object) -> None:
 
 # -- dispatch ----------------------------------------------------------------------------------------------------------
 def _fit(op: LinearOperator, A: torch.Tensor, opts: _Options) -> None:
-    """Set ``op``'s parameters, in place, to (nearly) minimize ``||op.dense() - A||_F``. ``A`` is ``op``-shaped."""
+    """Set ``op``'s parameters, in place, to (nearly) minimize ``||op.dense() - A||_F``. ``A`` is ``op``-shaped.
+
+    Dispatch on the family: its own closed form (``_project``, defined next to the family), the composites' rules
+    (parts, levels), and otherwise the gradient fallback, which is logged (see :func:`_fit_gradient`)."""
     if not list(op.parameters()):
         return  # a parameter-free operator (Identity, Permutation) is the only member of its structure
-    if isinstance(op, Dense):
-        op.weight.copy_(A)
-    elif isinstance(op, Diagonal):
-        op.diag.copy_(A.diagonal(dim1=-2, dim2=-1))
-    elif isinstance(op, LowRank):
-        _fit_lowrank(op, A)
-    elif isinstance(op, Monarch):
-        _fit_monarch(op, A)
-    elif isinstance(op, BlockTensorTrain) and len(op.in_factors) == 2:
-        _fit_btt2(op, A)
-    elif isinstance(op, Scaled):
+    closed_form = getattr(op, "_project", None)
+    if closed_form is not None and closed_form(A):
+        return
+    if isinstance(op, Scaled):
         if op.scale != 0.0:  # c = 0: every parameter value gives the zero matrix
             _fit(op.op, A / op.scale, opts)
     elif isinstance(op, Transpose):
         _fit(op.op, A.mT, opts)
     elif _shares_parameters(op):
-        _fit_gradient(op, A, opts)
+        _fit_gradient(op, A, opts, "its parts share parameters, so they cannot be fitted one at a time")
     elif isinstance(op, BlockDiagonal):
         _fit_block_diagonal(op, A, opts)
     elif isinstance(op, Kronecker) and len({p.heads for p in op.parts}) == 1:
@@ -226,7 +222,19 @@ def _fit(op: LinearOperator, A: torch.Tensor, opts: _Options) -> None:
     elif _levels(op, A) is not None:
         _fit_levels(op, A, opts)
     else:
-        _fit_gradient(op, A, opts)
+        _fit_gradient(op, A, opts, _why_no_closed_form(op))
+
+
+def _why_no_closed_form(op: LinearOperator) -> str | None:
+    """Why ``op`` goes to the gradient fallback, or None when its class declares no projection rule at all."""
+    rule = getattr(type(op), "projection", None)
+    if rule is None:
+        return None
+    if rule == "closed form":
+        return "its closed form does not cover this instance"
+    if rule == "gradient":
+        return "its family has no closed form"
+    return f"its projection rule {rule!r} does not apply to it"
 
 
 def _shares_parameters(op: LinearOperator) -> bool:
@@ -251,68 +259,7 @@ def _restore(op: LinearOperator, snap: list[torch.Tensor]) -> None:
         p.copy_(s)
 
 
-# -- closed forms ------------------------------------------------------------------------------------------------------
-def _truncated_svd(X: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``X (..., p, q) ≈ L R``, ``L (..., p, r)``, ``R (..., r, q)``: the best rank-r fit, zero-padded past the rank."""
-    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-    k = min(r, S.shape[-1])
-    root = S[..., :k].sqrt()
-    L = U[..., :k] * root.unsqueeze(-2)
-    R = Vh[..., :k, :] * root.unsqueeze(-1)
-    if k < r:
-        L = torch.cat([L, L.new_zeros(*L.shape[:-1], r - k)], dim=-1)
-        R = torch.cat([R, R.new_zeros(*R.shape[:-2], r - k, R.shape[-1])], dim=-2)
-    return L, R
-
-
-def _fit_lowrank(op: LowRank, A: torch.Tensor) -> None:
-    L, R = _truncated_svd(A, op.U.shape[-1])
-    op.U.copy_(L)
-    op.V.copy_(R)
-
-
-def _fit_btt2(op: LinearOperator, A: torch.Tensor) -> None:
-    """2-core BTT: core0 ``(a, 1, c, b, s)`` holds ``R[a,c,b,s]``, core1 ``(c, s, d, a, 1)`` holds
-    ``L[c,d,a,s]``; the ``(a, c)`` block ``A[(c, :), (a, :)]`` of shape ``(d, b)`` is fitted by its rank-s SVD."""
-    core0, core1 = op.core0, op.core1
-    a, _, c, b, s = core0.shape[-5:]
-    d = core1.shape[-3]
-    lead = A.shape[:-2]
-    blocks = A.reshape(*lead, c, d, a, b).movedim(-2, -4)  # (..., a, c, d, b)
-    L, R = _truncated_svd(blocks, s)  # (..., a, c, d, s), (..., a, c, s, b)
-    core0.copy_(R.mT.unsqueeze(-4))  # (..., a, 1, c, b, s)
-    core1.copy_(L.permute(*range(len(lead)), -3, -1, -2, -4).unsqueeze(-1))  # (..., c, s, d, a, 1)
-
-
-def _fit_monarch(op: Monarch, A: torch.Tensor) -> None:
-    """Monarch (see its module): block ``(l, a)`` of ``A``, rows ``t k + l`` and columns ``a p + b``, is
-    ``sum_j blkdiag2[l, :, r] blkdiag1[a, j, :]`` over the ``j`` of ``a`` that land in ``L``'s block ``l`` (at
-    ``r``); each block is fitted by its truncated SVD, its i-th singular pair going to its i-th such ``j``."""
-    k, q, p = op.blkdiag1.shape[-3:]
-    s = op.blkdiag2.shape[-2]
-    lead = A.shape[:-2]
-    blocks = A.reshape(*lead, s, k, k, p).movedim(-3, -4)  # (..., l, t, a, b) -> [..., l, a] is the (s, p) block
-    blocks = blocks.movedim(-2, -3)  # (..., l, a, t, b)
-    pairs: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (l, a) -> [(j, r), ...] in increasing j
-    for a in range(k):
-        for j in range(q):
-            r, lb = divmod(a * q + j, k)
-            pairs.setdefault((lb, a), []).append((j, r))
-    groups: dict[int, list[tuple[int, int]]] = {}  # blocks by their number of pairs (their rank bound)
-    for la, js in pairs.items():
-        groups.setdefault(len(js), []).append(la)
-    right = op.blkdiag1  # (..., a, j, b)
-    left = op.blkdiag2.transpose(-1, -2)  # (..., l, r, t): a view, written in place
-    for count, members in groups.items():
-        ls = torch.tensor([lb for lb, _ in members])
-        as_ = torch.tensor([a for _, a in members])
-        L, R = _truncated_svd(blocks[..., ls, as_, :, :], count)  # (..., G, s, count), (..., G, count, p)
-        js = torch.tensor([j for la in members for j, _ in pairs[la]])
-        rs = torch.tensor([r for la in members for _, r in pairs[la]])
-        right[..., as_.repeat_interleave(count), js, :] = R.reshape(*lead, -1, p)
-        left[..., ls.repeat_interleave(count), rs, :] = L.mT.reshape(*lead, -1, s)
-
-
+# -- composites --------------------------------------------------------------------------------------------------------
 def _fit_block_diagonal(op: BlockDiagonal, A: torch.Tensor, opts: _Options) -> None:
     blocks = list(op.blocks)
     if len(blocks) == 1 and blocks[0].heads is not None:  # a stack whose operators are the equal diagonal blocks
@@ -448,10 +395,25 @@ def _norm2(X: torch.Tensor) -> float:
 
 
 # -- gradient fallback -------------------------------------------------------------------------------------------------
-def _fit_gradient(op: LinearOperator, A: torch.Tensor, opts: _Options) -> None:
-    """Minimize ``||op.dense() - A||^2 / ||A||^2`` from ``op``'s parameters; keep the best iterate seen."""
+def _fit_gradient(op: LinearOperator, A: torch.Tensor, opts: _Options, why: str | None) -> None:
+    """Minimize ``||op.dense() - A||^2 / ||A||^2`` from ``op``'s parameters; keep the best iterate seen.
+
+    Never silent: logs on the ``"structmat"`` logger at INFO ``why`` the operator has no closed form, or at WARNING
+    when its class declares no ``projection`` rule at all (a family that forgot to say how it is projected)."""
     params = list(op.parameters())
-    if not params or opts.steps == 0:
+    if not params:
+        return
+    method = f"{opts.optimizer}, {opts.steps} steps"
+    if why is None:
+        logger.warning(
+            "project: %s declares no projection rule (class attribute 'projection'); fitting it by the gradient "
+            "fallback (%s)",
+            op.name,
+            method,
+        )
+    else:
+        logger.info("project: %s uses the gradient fallback (%s): %s", op.name, method, why)
+    if opts.steps == 0:
         return
     flags = [p.requires_grad for p in params]
     norm2 = float(torch.linalg.vector_norm(A) ** 2) or 1.0

@@ -11,13 +11,13 @@ BTT with its two output modes swapped; see :mod:`structmat.operators.monarch`.)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import final
+from typing import Any, ClassVar, final
 
 import torch
 
 from .._base import LinearOperator
 from .._factors import Spec, check_train, default_splits, spec_rank_bound, warn_default_rank
-from .._family import check_heads, define_network
+from .._family import check_heads, define_network, train_expr_args, truncated_svd
 from .._network import Network
 from .._nodes import NetNode, Node
 
@@ -138,6 +138,29 @@ class BlockTensorTrain(LinearOperator):
     def cores(self) -> list[torch.nn.Parameter]:
         """The core tensors, in the order they are applied."""
         return [getattr(self, f"core{k}") for k in range(len(self.in_factors))]
+
+    expr_name: ClassVar[str] = "btt"
+    projection: ClassVar[str] = "closed form"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return train_expr_args(self)
+
+    def _project(self, A: torch.Tensor) -> bool:
+        """Two cores: ``W[(c,d),(a,b)] = sum_s L[c,d,a,s] R[a,c,b,s]``, so every ``(a, c)`` block ``A[(c,:),(a,:)]``
+        of shape ``(d, b)`` is an independent matrix of rank <= s, fitted by its truncated SVD (optimal), the singular
+        values split evenly between the cores. core0 ``(a, 1, c, b, s)`` holds ``R[a,c,b,s]``, core1 ``(c, s, d, a,
+        1)`` holds ``L[c,d,a,s]``. More cores have no closed form (returns False)."""
+        if len(self.in_factors) != 2:
+            return False
+        core0, core1 = self.core0, self.core1
+        a, _, c, b, s = core0.shape[-5:]
+        d = core1.shape[-3]
+        lead = A.shape[:-2]
+        blocks = A.reshape(*lead, c, d, a, b).movedim(-2, -4)  # (..., a, c, d, b)
+        L, R = truncated_svd(blocks, s)  # (..., a, c, d, s), (..., a, c, s, b)
+        core0.copy_(R.mT.unsqueeze(-4))  # (..., a, 1, c, b, s)
+        core1.copy_(L.permute(*range(len(lead)), -3, -1, -2, -4).unsqueeze(-1))  # (..., c, s, d, a, 1)
+        return True
 
     def _lower(self) -> Node:
         return NetNode(self._network)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -89,6 +89,17 @@ class Dense(LinearOperator):
         )
         obj._node  # noqa: B018 - lower now, as the constructor does
         return obj
+
+    expr_name: ClassVar[str] = "dense"
+    projection: ClassVar[str] = "closed form"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return self.shape, {"heads": self.heads}
+
+    def _project(self, A: torch.Tensor) -> bool:
+        """The nearest dense matrix is ``A`` itself."""
+        self.weight.copy_(A)
+        return True
 
     def _lower(self) -> Node:
         return NetNode(self._network)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -49,6 +49,18 @@ class Diagonal(LinearOperator):
         )
         obj._node  # noqa: B018 - lower now, as the constructor does
         return obj
+
+    expr_name: ClassVar[str] = "diag"
+    expr_aliases: ClassVar[dict[str, str]] = {"diagonal": ""}
+    projection: ClassVar[str] = "closed form"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self.shape[0],), {"heads": self.heads}
+
+    def _project(self, A: torch.Tensor) -> bool:
+        """The nearest diagonal matrix keeps ``A``'s diagonal."""
+        self.diag.copy_(A.diagonal(dim1=-2, dim2=-1))
+        return True
 
     def _lower(self) -> Node:
         n = self.shape[1]

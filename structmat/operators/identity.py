@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import final
+from typing import Any, ClassVar, final
 
 from .._base import LinearOperator
 from .._network import Network
@@ -24,6 +24,12 @@ class Identity(LinearOperator):
 
     def __init__(self, n: int) -> None:
         super().__init__((n, n))
+
+    expr_name: ClassVar[str] = "identity"
+    projection: ClassVar[str] = "fixed"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self.shape[0],), {"heads": self.heads}
 
     def _lower(self) -> Node:
         n = self.shape[1]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import final
+from typing import Any, ClassVar, final
 
 import torch
 
 from .._base import LinearOperator
 from .._factors import check_int
-from .._family import check_heads, define_network
+from .._family import check_heads, define_network, truncated_svd
 from .._nodes import NetNode, Node
 
 __all__ = ["LowRank"]
@@ -71,6 +71,19 @@ class LowRank(LinearOperator):
 
     def _describe(self) -> tuple[str, str]:
         return "LowRank", f"rank={self.rank_}"
+
+    expr_name: ClassVar[str] = "lowrank"
+    projection: ClassVar[str] = "closed form"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return self.shape, {"rank": self.rank_, "heads": self.heads}
+
+    def _project(self, A: torch.Tensor) -> bool:
+        """Truncated SVD (Eckart–Young): optimal; the singular values are split evenly between ``U`` and ``V``."""
+        L, R = truncated_svd(A, self.rank_)
+        self.U.copy_(L)
+        self.V.copy_(R)
+        return True
 
     def _lower(self) -> Node:
         return NetNode(self._network)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -122,6 +122,13 @@ class MultiLevelLowRank(LinearOperator):
     def _operands(self) -> tuple[LinearOperator, ...]:
         return tuple(self.levels)
 
+    expr_name: ClassVar[str] = "mlr"
+    projection: ClassVar[str] = "levels"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        blocks = [_level_blocks(self.shape, part) for part in self.blocks]
+        return self.shape, {"ranks": list(self.ranks), "blocks": blocks, "heads": self.heads}
+
     def _lower(self) -> Node:
         return _nodes.add([op._node for op in self.levels])
 
@@ -133,6 +140,15 @@ def _show(value: object) -> str:
     if isinstance(value, Sequence):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     return repr(value)
+
+
+def _level_blocks(shape: tuple[int, int], part: Sequence[tuple[int, int]]) -> int | list[list[int]]:
+    """One level's blocks as written: their number when they split ``shape`` equally, else their ``[rows, cols]``."""
+    k = len(part)
+    m, n = shape
+    if m % k == 0 and n % k == 0 and all(tuple(b) == (m // k, n // k) for b in part):
+        return k
+    return [list(b) for b in part]
 
 
 MLR = MultiLevelLowRank

@@ -20,13 +20,13 @@ so the rank is exactly ``min(m, n)``.
 
 from __future__ import annotations
 
-from typing import final
+from typing import Any, ClassVar, final
 
 import torch
 
 from .._base import LinearOperator
 from .._factors import check_int
-from .._family import check_heads, define_network
+from .._family import check_heads, define_network, truncated_svd
 from .._nodes import NetNode, Node, compose
 
 __all__ = ["Monarch"]
@@ -103,6 +103,42 @@ class Monarch(LinearOperator):
 
     def _describe(self) -> tuple[str, str]:
         return "Monarch", f"nblocks={self.nblocks}"
+
+    expr_name: ClassVar[str] = "monarch"
+    projection: ClassVar[str] = "closed form"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return self.shape, {"nblocks": self.nblocks, "heads": self.heads}
+
+    def _project(self, A: torch.Tensor) -> bool:
+        """Block ``(l, a)`` of ``A``, rows ``t k + l`` and columns ``a p + b``, is ``sum_j blkdiag2[l, :, r]
+        blkdiag1[a, j, :]`` over the ``j`` of ``a`` that land in ``L``'s block ``l`` (at ``r``): each pair ``(a, j)``
+        feeds exactly one block, so every block is an independent matrix of rank <= its number of pairs, fitted by its
+        truncated SVD (optimal), its i-th singular pair going to its i-th such ``j``."""
+        k, q, p = self.blkdiag1.shape[-3:]
+        s = self.blkdiag2.shape[-2]
+        lead = A.shape[:-2]
+        blocks = A.reshape(*lead, s, k, k, p).movedim(-3, -4)  # (..., l, t, a, b) -> [..., l, a] is the (s, p) block
+        blocks = blocks.movedim(-2, -3)  # (..., l, a, t, b)
+        pairs: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (l, a) -> [(j, r), ...] in increasing j
+        for a in range(k):
+            for j in range(q):
+                r, lb = divmod(a * q + j, k)
+                pairs.setdefault((lb, a), []).append((j, r))
+        groups: dict[int, list[tuple[int, int]]] = {}  # blocks by their number of pairs (their rank bound)
+        for la, js in pairs.items():
+            groups.setdefault(len(js), []).append(la)
+        right = self.blkdiag1  # (..., a, j, b)
+        left = self.blkdiag2.transpose(-1, -2)  # (..., l, r, t): a view, written in place
+        for count, members in groups.items():
+            ls = torch.tensor([lb for lb, _ in members])
+            as_ = torch.tensor([a for _, a in members])
+            L, R = truncated_svd(blocks[..., ls, as_, :, :], count)  # (..., G, s, count), (..., G, count, p)
+            js = torch.tensor([j for la in members for j, _ in pairs[la]])
+            rs = torch.tensor([r for la in members for _, r in pairs[la]])
+            right[..., as_.repeat_interleave(count), js, :] = R.reshape(*lead, -1, p)
+            left[..., ls.repeat_interleave(count), rs, :] = L.mT.reshape(*lead, -1, s)
+        return True
 
     def _lower(self) -> Node:
         # one network when k | q or q | k, else two einsums; either way R is onto the min(m, n) intermediate and L

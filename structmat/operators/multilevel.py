@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -300,6 +300,12 @@ class MultiLevel(LinearOperator):
 
     def _operands(self) -> tuple[LinearOperator, ...]:
         return tuple(self.levels)
+
+    expr_name: ClassVar[str] = "multilevel"
+    projection: ClassVar[str] = "levels"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (*self.shape, list(self.levels)), {}
 
     def _lower(self) -> Node:
         return _nodes.add([op._node for op in self.levels])

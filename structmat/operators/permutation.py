@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -138,6 +138,18 @@ class Permutation(LinearOperator):
             sizes, order = self._axes  # type: ignore[misc]
             self._perm = tuple(torch.arange(math.prod(sizes)).reshape(sizes).permute(order).reshape(-1).tolist())
         return self._perm
+
+    expr_name: ClassVar[str] = "permutation"
+    expr_aliases: ClassVar[dict[str, str]] = {"permute_axes": "from_axes"}
+    projection: ClassVar[str] = "fixed"
+
+    def _expr_name(self) -> str:
+        return "permutation" if self._axes is None else "permute_axes"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self._axes is not None:  # a reshape-transpose: its sizes and order, never the index vector
+            return (list(self._axes[0]), list(self._axes[1])), {}
+        return (list(self.perm),), {}
 
     def _lower(self) -> Node:
         if self._axes is None:

@@ -6,7 +6,7 @@ import math
 import numbers
 import re
 from collections.abc import Mapping
-from typing import final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -201,6 +201,25 @@ class TensorNetwork(LinearOperator):
             given=factors,
             where=where,
         )
+
+    expr_name: ClassVar[str] = "tensor_network"
+    projection: ClassVar[str] = "gradient"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The spec and the size of every label, read from the factors' shapes and the network's input and output
+        modes."""
+        out, terms = _parse(self.spec)
+        lead = 0 if self.heads is None else 1
+        known: dict[str, int] = {}
+        for name, labels in terms:
+            if name != "x":
+                known.update(zip(labels, getattr(self, name).shape[lead:]))
+        network = self._network
+        known.update(zip(dict(terms)["x"], (size for _, size in network.in_modes)))
+        known.update(zip(out, (size for _, size in network.out_modes)))
+        order = [*out, *(lab for _, labels in terms for lab in labels)]
+        sizes = {lab: int(known[lab]) for lab in dict.fromkeys(order)}
+        return (self.spec,), {"sizes": sizes, "heads": self.heads}
 
     def _lower(self) -> Node:
         return NetNode(self._network)

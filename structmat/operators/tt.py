@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import final
+from typing import Any, ClassVar, final
 
 import torch
 
 from .._base import LinearOperator
 from .._factors import Spec, check_train, default_splits, spec_rank_bound, warn_default_rank
-from .._family import check_heads, define_network
+from .._family import check_heads, define_network, train_expr_args
 from .._nodes import NetNode, Node
 
 __all__ = ["TensorTrain", "TT", "tt_spec"]
@@ -88,6 +88,12 @@ class TensorTrain(LinearOperator):
     def cores(self) -> list[torch.nn.Parameter]:
         """The cores ``G_1 .. G_N``, each ``(r_{k-1}, o_k, i_k, r_k)``."""
         return [getattr(self, f"core{k}") for k in range(len(self.in_factors))]
+
+    expr_name: ClassVar[str] = "tt"
+    projection: ClassVar[str] = "gradient"
+
+    def _expr_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return train_expr_args(self)
 
     def _lower(self) -> Node:
         return NetNode(self._network)
