@@ -74,7 +74,7 @@ def register(cls: type) -> None:
     if name is None:
         return
     names = {name: ""} | dict(body.get("expr_aliases", {}))
-    for key, attr in names.items():
+    for key in names:
         old = EXPRESSIONS.get(key)
         owner = getattr(old, "__self__", old)  # a class method's class
         if old is not None and _key(owner) != _key(cls):
@@ -89,7 +89,7 @@ def _key(obj: object) -> tuple[str, str]:
 
 
 def register_expression(name: str, fn: Callable[..., Any]) -> None:
-    """Let expressions call ``name(...)``, built by ``fn`` (for helpers that are not operator classes, e.g. ``dict``)."""
+    """Let expressions call ``name(...)``, built by ``fn`` (a helper that is not an operator class, e.g. ``dict``)."""
     old = EXPRESSIONS.get(name)
     if old is not None and _key(old) != _key(fn):
         raise ValueError(f"register_expression: the name {name!r} is taken by {old!r}")
