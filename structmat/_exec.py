@@ -124,20 +124,25 @@ class Program:
                 live.append(big * small.reshape(st.shape))
                 continue
             ra, rb = st.a, st.b
-            a = _read(live[ra.index], ra)
-            b = _read(live[rb.index], rb)
+            sa, sb = live[ra.index], live[rb.index]
             del live[rb.index]  # the path lists a step's operands in increasing order
             del live[ra.index]
             if st.kernel == "linear":
-                c = F.linear(a, b)
+                c = F.linear(_read(sa, ra), _read(sb, rb))
+                live.append(c.view(st.out_shape))
+                continue
+            if sa.dtype != sb.dtype:  # only under autocast (the operator checks dtypes otherwise)
+                dtype = torch.promote_types(sa.dtype, sb.dtype)
+                sa, sb = sa.to(dtype), sb.to(dtype)
+            if torch.is_grad_enabled() and (sa.requires_grad or sb.requires_grad):
+                # the operands' views taken inside the function: their gradients come back as whole tensors in
+                # their own layouts (no autograd view nodes; accumulated in place where a tensor is used twice)
+                va, vb = _view_spec(sa, ra), _view_spec(sb, rb)
+                a = sa if va is not None else _read(sa, ra)
+                b = sb if vb is not None else _read(sb, rb)
+                c = _Gemm.apply(a, b, st.into, ra.expand, rb.expand, (ra.weight, rb.weight), va, vb)
             else:
-                if a.dtype != b.dtype:  # only under autocast (the operator checks dtypes otherwise)
-                    dtype = torch.promote_types(a.dtype, b.dtype)
-                    a, b = a.to(dtype), b.to(dtype)
-                if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-                    c = _Gemm.apply(a, b, st.into, ra.expand, rb.expand, (ra.weight, rb.weight))
-                else:
-                    c = _product(a, b, st.into, ra.expand, rb.expand)
+                c = _product(_read(sa, ra), _read(sb, rb), st.into, ra.expand, rb.expand)
             live.append(c.view(st.out_shape))
         y = live[0]
         if self.final_perm is not None:
@@ -156,6 +161,35 @@ def _read(t: torch.Tensor, r: _Read) -> torch.Tensor:
     if t.ndim == 3 and not _blas_ok(t):  # ATen would copy it slice by slice; one copy of the whole is cheaper
         t = t.contiguous()
     return t
+
+
+_View = tuple[tuple[int, ...], tuple[int, ...]]  # (permutation, shape) of a read that is a view
+
+
+def _view_spec(t: torch.Tensor, r: _Read) -> _View | None:
+    """The read ``r`` of ``t`` as (permutation, shape) when it is a view BLAS takes as it is, else None."""
+    if r.sum_dims:
+        return None
+    perm = r.perm if r.perm is not None else tuple(range(t.ndim))
+    v = _as_view(t, (perm, r.shape))
+    if v is None or (v.ndim == 3 and not r.expand and not _blas_ok(v)):
+        return None
+    return perm, r.shape
+
+
+def _as_view(t: torch.Tensor, view: _View) -> torch.Tensor | None:
+    perm, shape = view
+    try:
+        return t.permute(perm).view(shape)
+    except RuntimeError:  # not expressible as a view of t
+        return None
+
+
+def _back_to(g: torch.Tensor, t: torch.Tensor, view: _View) -> torch.Tensor:
+    """The gradient ``g`` of the read ``view`` of ``t``, as a gradient of ``t`` (reshape and inverse permutation)."""
+    perm, _ = view
+    g = g.reshape([t.shape[d] for d in perm])
+    return g.permute([perm.index(d) for d in range(len(perm))])
 
 
 def _blas_ok(t: torch.Tensor) -> bool:
@@ -267,17 +301,22 @@ class _Gemm(torch.autograd.Function):
         ea: int,
         eb: int,
         wide: tuple[bool, bool],
+        va: _View | None = None,
+        vb: _View | None = None,
     ) -> torch.Tensor:
         ctx.save_for_backward(a, b)
-        ctx.expand = (ea, eb)
-        ctx.wide = wide
-        return _product(a, b, into, ea, eb)
+        ctx.spec = (ea, eb, wide, va, vb)
+        ra = a if va is None else _as_view(a, va)
+        rb = b if vb is None else _as_view(b, vb)
+        return _product(ra, rb, into, ea, eb)  # type: ignore[arg-type]
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        a, b = ctx.saved_tensors
-        ea, eb = ctx.expand
+        sa, sb = ctx.saved_tensors
+        ea, eb, wide, va, vb = ctx.spec
         need_a, need_b = ctx.needs_input_grad[:2]
+        a = sa if va is None else sa.permute(va[0]).reshape(va[1])
+        b = sb if vb is None else sb.permute(vb[0]).reshape(vb[1])
         A = a.expand(ea, *a.shape[1:]) if ea else a
         B = b.expand(eb, *b.shape[1:]) if eb else b
         ga = gb = None
@@ -285,16 +324,42 @@ class _Gemm(torch.autograd.Function):
             if need_a:
                 ga = torch.matmul(g, B.mT)
                 ga = ga.sum(0, keepdim=True) if ea else ga
+                ga = ga if va is None else _back_to(ga, sa, va)
             if need_b:
                 gb = torch.matmul(A.mT, g)
                 gb = gb.sum(0, keepdim=True) if eb else gb
-            return ga, gb, None, None, None, None
+                gb = gb if vb is None else _back_to(gb, sb, vb)
+            return ga, gb, None, None, None, None, None, None
         g = _blas_layout(g)
         if need_a:
-            ga = _sum_of_products(g, B.mT) if ea else _mm_into(g, B.mT, _grad_buffer(a, ctx.wide[0]))
+            ga = _gradient(g, B.mT, sa, a, ea, wide[0], va)
         if need_b:
-            gb = _sum_of_products(A.mT, g) if eb else _mm_into(A.mT, g, _grad_buffer(b, ctx.wide[1]))
-        return ga, gb, None, None, None, None
+            gb = _gradient(A.mT, g, sb, b, eb, wide[1], vb)
+        return ga, gb, None, None, None, None, None, None
+
+
+def _gradient(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    src: torch.Tensor,
+    read: torch.Tensor,
+    expanded: int,
+    wide: bool,
+    view: _View | None,
+) -> torch.Tensor:
+    """The gradient ``p @ q`` of one operand: written into a buffer laid out as its source tensor, through the same
+    view the forward read (a whole tensor comes back); a broadcast operand's is summed over the batch."""
+    if expanded:
+        g = _sum_of_products(p, q)
+        return g if view is None else _back_to(g, src, view)
+    if view is None:
+        return _mm_into(p, q, _grad_buffer(read, wide))
+    buf = _grad_buffer(src, wide)
+    out = _as_view(buf, view)
+    if out is None or (out.ndim == 3 and not _blas_ok(out)):
+        return _back_to(_mm_into(p, q, _grad_buffer(read, wide)), src, view)
+    _mm_into(p, q, out)
+    return buf
 
 
 # -- compiling a path ------------------------------------------------------------------------------------------------
