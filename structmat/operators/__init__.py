@@ -1,5 +1,6 @@
 """Operator leaves and families, one file each."""
 
+from .blocklowrank import BlockLowRank
 from .btt import BTT, BlockTensorTrain
 from .dense import Dense
 from .diagonal import Diagonal
@@ -19,6 +20,7 @@ __all__ = [
     "Permutation",
     "TensorNetwork",
     "LowRank",
+    "BlockLowRank",
     "BlockTensorTrain",
     "BTT",
     "Monarch",
