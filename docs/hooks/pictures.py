@@ -121,7 +121,7 @@ def _monarch() -> plt.Figure:
     k = 4
     A = sm.Monarch(16, 16, nblocks=k)
     W = A.dense()
-    rows = torch.cat([torch.arange(l, 16, k) for l in range(k)])  # rows grouped by t mod k
+    rows = torch.cat([torch.arange(g, 16, k) for g in range(k)])  # rows grouped by t mod k
     cuts = _cuts(16, k)
     fig, axes = _figure(2, 3.0)
     _show(axes[0], W, "Monarch(16, 16, nblocks=4)")
