@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import zoo
 from hypothesis import given
 from hypothesis import strategies as st
 from zoo import ZOO, build
@@ -135,48 +136,16 @@ def test_roundtrip(name: str) -> None:
     roundtrip(CASES[name]())
 
 
-FAMILIES = {
-    # registry name: (structmat class name, expressions)
-    "lowrank": ("LowRank", ["lowrank(12, 7, rank=3)", "lowrank(12, 7, rank=1, heads=2)"]),
-    "btt": (
-        "BlockTensorTrain",
-        [
-            "btt(64, 64, ranks=2)",
-            "btt(64, 48, ranks=[2, 3], in_factors=[4, 4, 3], out_factors=[4, 4, 4])",
-            "btt(64, 64, ranks=2, in_factors=[4, 16], out_factors=[8, 8], heads=3)",
-        ],
-    ),
-    "monarch": ("Monarch", ["monarch(12, 20, nblocks=4)", "monarch(16, 16, nblocks=2, heads=2)"]),
-    "tt": (
-        "TensorTrain",
-        [
-            "tt(64, 64, ranks=3)",
-            "tt(27, 8, ranks=[2, 1], in_factors=[2, 2, 2], out_factors=[3, 3, 3])",
-        ],
-    ),
-    "mlr": (
-        "MultiLevelLowRank",
-        [
-            "mlr(16, 16, ranks=[2, 1, 1], blocks=[1, 2, 4])",
-            "mlr(10, 10, ranks=[2, 1], blocks=[1, [[4, 4], [6, 6]]])",
-            "mlr(12, 8, ranks=[1, 1], blocks=[2, 4], heads=3)",
-        ],
-    ),
-}
+EXPRS = [(name, text) for name, entry in sorted(zoo.FAMILIES.items()) for text in entry.exprs]
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_family_roundtrip(name: str) -> None:
-    cls_name, texts = FAMILIES[name]
-    cls = getattr(sm, cls_name, None)
-    if cls is None:
-        pytest.skip(f"structmat.{cls_name} does not exist yet")
-    for text in texts:
-        op = parse(text, device=META)
-        assert type(op) is cls
-        assert to_expr(op) == text
-        roundtrip(op)
-        roundtrip(0.5 * op.T @ op + op.T @ op)
+@pytest.mark.parametrize("name, text", EXPRS)
+def test_family_roundtrip(name: str, text: str) -> None:
+    op = parse(text, device=META)
+    assert type(op) is zoo.FAMILIES[name].cls
+    assert to_expr(op) == text
+    roundtrip(op)
+    roundtrip(0.5 * op.T @ op + op.T @ op)
 
 
 def test_lowrank_in_a_product() -> None:

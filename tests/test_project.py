@@ -19,6 +19,7 @@ import copy
 
 import pytest
 import torch
+import zoo
 
 import structmat as sm
 
@@ -58,47 +59,7 @@ def btt(m, n, s, fin, fout, heads=None):
 
 
 # -- exact members are recovered ---------------------------------------------------------------------------------------
-CLOSED_FORMS = {
-    "dense": lambda: dense(5, 7),
-    "dense_heads": lambda: sm.Dense(5, 7, heads=3, dtype=F64),
-    "diagonal": lambda: sm.Diagonal.from_tensor(torch.randn(6, dtype=F64)),
-    "lowrank": lambda: sm.LowRank(13, 17, 3, dtype=F64),
-    "lowrank_full": lambda: sm.LowRank(5, 7, 5, dtype=F64),
-    "lowrank_heads": lambda: sm.LowRank(13, 17, 2, heads=3, dtype=F64),
-    "btt_s1": btt(28, 15, 1, (3, 5), (4, 7)),
-    "btt_s2": btt(28, 15, 2, (3, 5), (4, 7)),
-    "btt_s3": btt(28, 15, 3, (3, 5), (4, 7)),
-    "btt_s5_full_blocks": btt(28, 15, 5, (3, 5), (4, 7)),
-    "btt_s6_past_block_rank": btt(28, 15, 6, (3, 5), (4, 7)),
-    "btt_wide": btt(10, 42, 2, (7, 6), (2, 5)),
-    "btt_heads": btt(28, 15, 2, (3, 5), (4, 7), heads=2),
-    "monarch_1": lambda: sm.Monarch(18, 30, nblocks=1, dtype=F64),
-    "monarch_2": lambda: sm.Monarch(18, 30, nblocks=2, dtype=F64),
-    "monarch_3": lambda: sm.Monarch(18, 30, nblocks=3, dtype=F64),
-    "monarch_6": lambda: sm.Monarch(18, 30, nblocks=6, dtype=F64),
-    "monarch_tall": lambda: sm.Monarch(35, 10, nblocks=5, dtype=F64),
-    "monarch_heads": lambda: sm.Monarch(18, 30, nblocks=3, heads=2, dtype=F64),
-    "kron_2": lambda: sm.Kronecker.from_sizes((3, 4), (5, 2), dtype=F64),
-    "kron_3": lambda: sm.Kronecker.from_sizes((3, 4), (5, 2), (2, 3), dtype=F64),
-    "kron_heads": lambda: sm.Kronecker.from_sizes((3, 4), (5, 2), heads=2, dtype=F64),
-    "kron_lowrank_part": lambda: sm.kron(sm.LowRank(6, 5, 2, dtype=F64), dense(3, 4)),
-    "kron_btt_part": lambda: sm.kron(
-        dense(2, 3), sm.BTT(12, 6, ranks=1, in_factors=(2, 3), out_factors=(3, 4), dtype=F64)
-    ),
-    "block_diagonal": lambda: sm.block_diag(
-        sm.LowRank(6, 5, 2, dtype=F64),
-        sm.BTT(12, 6, ranks=2, in_factors=(2, 3), out_factors=(3, 4), dtype=F64),
-        dense(2, 3),
-    ),
-    "block_diagonal_from_sizes": lambda: sm.BlockDiagonal.from_sizes(12, 20, nblocks=4, dtype=F64),
-    "block_diagonal_stack": lambda: sm.BlockDiagonal(sm.LowRank(3, 4, 2, heads=5, dtype=F64)),
-    "block_diagonal_stack_heads": lambda: sm.BlockDiagonal(sm.LowRank(3, 4, 2, heads=6, dtype=F64), heads=2),
-    "scaled": lambda: -2.5 * sm.LowRank(13, 17, 3, dtype=F64),
-    "transpose": lambda: sm.Monarch(18, 30, nblocks=3, dtype=F64).T,
-    "nested": lambda: sm.block_diag(0.5 * sm.kron(dense(2, 3), sm.LowRank(4, 5, 2, dtype=F64)).T, dense(3, 2)),
-    "kron_identity_part": lambda: sm.kron(dense(3, 4), sm.Identity(2)),
-    "mlr_one_level": lambda: sm.MLR(24, 36, ranks=[3], blocks=[1], dtype=F64),
-}
+CLOSED_FORMS = zoo.CLOSED_FORMS  # every registry entry's members that projection recovers exactly
 
 
 @pytest.mark.parametrize("name", list(CLOSED_FORMS))
