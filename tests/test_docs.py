@@ -188,6 +188,7 @@ def test_every_public_family_has_a_page() -> None:
         for name in sm.__all__
         if isinstance(getattr(sm, name), type)
         and issubclass(getattr(sm, name), sm.LinearOperator)
+        and name != "LinearOperator"
         and f"sm.{name}" not in pages
         and f"structmat.{name}" not in pages
     ]

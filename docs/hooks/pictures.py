@@ -173,12 +173,14 @@ def _tensor_network() -> plt.Figure:
 
 
 def _block_low_rank() -> plt.Figure:
-    op = sm.BlockLowRank(16, 16, 4, 4, rank=1) if hasattr(sm, "BlockLowRank") else None  # type: ignore[attr-defined]
-    fig, (ax,) = _figure(1, 3.0)
-    cuts = _cuts(16, 4)
-    W = op.dense()
-    _show(ax, W, "BlockLowRank: 4 x 4 blocks of rank 1", (cuts, cuts))
-    _block_ranks(ax, W, cuts, cuts)
+    A = sm.BlockLowRank(16, 16, p=4, q=4, rank=1)
+    B = sm.BlockLowRank(16, 24, p=2, q=3, rank=2)
+    fig, axes = plt.subplots(1, 2, figsize=(7.0, 2.9), gridspec_kw={"width_ratios": [16, 24]})
+    for ax, op, p, q, r in ((axes[0], A, 4, 4, 1), (axes[1], B, 2, 3, 2)):
+        rows, cols = _cuts(op.shape[0], p), _cuts(op.shape[1], q)
+        W = op.dense()
+        _show(ax, W, f"BlockLowRank{op.shape}, p={p}, q={q}, rank={r}", (rows, cols))
+        _block_ranks(ax, W, rows, cols)
     return fig
 
 
