@@ -56,7 +56,10 @@ def _expression_problem(op: sm.LinearOperator) -> str | None:
         text = to_expr(op)
     except ValueError as err:
         return f"no expression ({err})"
-    back = parse(text, device="meta")
+    try:
+        back = parse(text, device="meta")
+    except ValueError as err:
+        return f"{text!r} does not parse ({err})"
     if type(back) is not type(op) or back.shape != op.shape or to_expr(back) != text:
         return f"{text!r} does not parse back to the same structure"
     return None
