@@ -839,3 +839,99 @@ def test_network_with_many_factors_and_a_singly_used_label_runs():
     torch.einsum rejects it."""
     A = sm.BTT(8, 8, ranks=2, in_factors=(2, 2, 2), out_factors=(2, 2, 2), dtype=F64)
     torch.testing.assert_close((A.T @ A).dense(), reference_dense(A).T @ reference_dense(A))
+
+
+# -- BlockLowRank (the worked example of CONTRIBUTING.md) ---------------------------------------------------------
+def test_block_lowrank_matches_its_definition():
+    torch.manual_seed(0)
+    A = sm.BlockLowRank(12, 15, p=3, q=5, rank=2, dtype=F64)  # blocks (4, 3)
+    W = zoo.block_lowrank_reference(A)
+    assert A.U.shape == (3, 5, 4, 2) and A.V.shape == (3, 5, 2, 3)
+    torch.testing.assert_close(W[4:8, 9:12], A.U[1, 3] @ A.V[1, 3], rtol=0, atol=0)
+    check_dense_and_transpose(A)
+    stack = sm.BlockLowRank(12, 15, p=3, q=5, rank=2, heads=2, dtype=F64)
+    torch.testing.assert_close(stack.dense(), zoo.block_lowrank_reference(stack))
+
+
+@pytest.mark.parametrize(
+    "m, n, p, q, r",
+    [(12, 15, 3, 5, 2), (12, 15, 3, 5, 3), (12, 12, 2, 2, 1), (6, 6, 2, 3, 2), (10, 21, 5, 3, 1), (8, 4, 4, 1, 1)],
+)
+def test_block_lowrank_rank_params_cost(m, n, p, q, r):
+    torch.manual_seed(0)
+    A = sm.BlockLowRank(m, n, p=p, q=q, rank=r, dtype=F64)
+    s, t = m // p, n // q
+    assert A.num_params == p * q * r * (s + t)
+    check_rank(A, min(m, n, p * q * r), True)
+    for block in zoo.block_lowrank_reference(A).reshape(p, s, q, t).transpose(1, 2).reshape(-1, s, t):
+        assert int(torch.linalg.matrix_rank(block)) == r
+    for batch in (1, 7):  # never more than applying U and V block by block
+        assert A.cost(batch).flops <= 2 * batch * A.num_params
+
+
+def test_block_lowrank_cost_is_factor_by_factor_when_that_is_cheaper():
+    A = sm.BlockLowRank(24, 30, p=2, q=3, rank=2, device="meta")  # r (s + t) = 44 < s t = 120
+    assert A.cost(5).flops == 2 * 5 * 2 * 3 * 2 * (12 + 10)
+
+
+def test_block_lowrank_projection_is_per_block_svd():
+    torch.manual_seed(0)
+    m, n, p, q, r = 12, 15, 3, 5, 2
+    X = torch.randn(m, n, dtype=F64)
+    P = sm.project(X, like=sm.BlockLowRank(m, n, p=p, q=q, rank=r, dtype=F64))
+    blocks = X.reshape(p, 4, q, 3).transpose(1, 2)
+    optimal = sum(float(torch.linalg.svdvals(blocks[i, j])[r:].square().sum()) for i in range(p) for j in range(q))
+    err = float((P.dense().detach() - X).square().sum())
+    assert math.isclose(err, optimal, rel_tol=1e-10)
+    fitted = P.dense().detach().reshape(p, 4, q, 3).transpose(1, 2)
+    for i, j in itertools.product(range(p), range(q)):  # each block is that block's best rank-r fit
+        U, S, Vh = torch.linalg.svd(blocks[i, j])
+        torch.testing.assert_close(fitted[i, j], U[:, :r] @ torch.diag(S[:r]) @ Vh[:r])
+
+
+def test_block_lowrank_expression_round_trip():
+    A = sm.BlockLowRank(12, 15, p=3, q=5, rank=2, heads=4, device="meta")
+    assert A.expr() == "block_lowrank(12, 15, p=3, q=5, rank=2, heads=4)"
+    back = sm.parse(A.expr(), device="meta")
+    assert type(back) is sm.BlockLowRank and (back.p, back.q, back.rank_, back.heads) == (3, 5, 2, 4)
+
+
+def test_block_lowrank_init_is_spectral_mup():
+    """V maps a column block's t = 3 inputs to the p r = 6 values of its blocks (one rank-r code per block row);
+    U maps a block row's q r = 10 codes to its s = 4 outputs: the fans of the network, as for every family."""
+    A = sm.BlockLowRank(12, 15, p=3, q=5, rank=2)
+    assert sm.init.parameter_fans(A) == {"U": (10, 4), "V": (3, 6)}
+    stds = sm.init.spectral_(A)
+    assert stds == {"U": sm.init.spectral_std(10, 4), "V": sm.init.spectral_std(3, 6)}
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (
+            lambda: sm.BlockLowRank(12, 15, p=5, q=5, rank=1),
+            ValueError,
+            r"BlockLowRank\(12, 15, p=5, q=5, rank=1\): p=5 must divide m=12",
+        ),
+        (lambda: sm.BlockLowRank(12, 15, p=3, q=4, rank=1), ValueError, r"q=4 must divide n=15"),
+        (
+            lambda: sm.BlockLowRank(12, 15, p=3, q=5, rank=4),
+            ValueError,
+            r"rank must be <= min\(m/p, n/q\) = min\(4, 3\) = 3, got 4",
+        ),
+        (lambda: sm.BlockLowRank(12, 15, p=3, q=5, rank=0), ValueError, r"rank must be >= 1, got 0"),
+        (
+            lambda: sm.BlockLowRank(12, 15, p=3.0, q=5, rank=1),
+            TypeError,
+            r"BlockLowRank\(12, 15, p=3.0, q=5, rank=1\): p must be an int",
+        ),
+        (
+            lambda: sm.BlockLowRank(12, 15, p=3, q=5, rank=1, heads=0),
+            ValueError,
+            r"BlockLowRank\(12, 15, .*\): heads must be None or an int >= 1, got 0",
+        ),
+    ],
+)
+def test_block_lowrank_errors(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

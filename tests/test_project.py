@@ -16,12 +16,15 @@ Sizes are distinct so that a swapped axis fails; everything is float64.
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
 import zoo
 
 import structmat as sm
+from structmat._network import Factor, Network
+from structmat._nodes import NetNode
 
 F64 = torch.float64
 
@@ -444,3 +447,47 @@ def test_errors():
         sm.project(A, like=op, lr=0)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'stpes'"):
         sm.project(A, like=op, stpes=3)
+
+
+# -- the gradient fallback is visible -------------------------------------------------------------------------------
+def test_gradient_fallback_is_logged(caplog):
+    """A family marked ``projection = "gradient"`` (TT) is fitted by L-BFGS and says so at INFO; so is an N-core BTT,
+    whose closed form covers two cores only. A closed form logs nothing."""
+    torch.manual_seed(0)
+    A = torch.randn(12, 8, dtype=F64)
+    tt = sm.TT(12, 8, ranks=2, in_factors=(2, 2, 2), out_factors=(3, 2, 2), dtype=F64)
+    with caplog.at_level(logging.INFO, logger="structmat"):
+        sm.project(A, like=tt, steps=3)
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert (
+        "project: TT(12, 8, ranks=[2, 2])" in caplog.text
+        and "uses the gradient fallback (lbfgs, 3 steps)" in caplog.text
+    )
+    assert "its family has no closed form" in caplog.text
+    caplog.clear()
+    btt3 = sm.BTT(12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), dtype=F64)
+    with caplog.at_level(logging.INFO, logger="structmat"):
+        sm.project(A, like=btt3, steps=3)
+    assert "its closed form does not cover this instance" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="structmat"):
+        sm.project(A, like=sm.BlockLowRank(12, 8, p=3, q=2, rank=2, dtype=F64))
+        sm.project(A, like=sm.LowRank(12, 8, rank=2, dtype=F64) + sm.Dense(12, 8, dtype=F64), steps=2)
+    assert len(caplog.records) == 1 and "Sum(" in caplog.text  # the closed form is silent, the sum is not
+
+
+def test_a_class_without_projection_rule_warns(caplog):
+    class NoRule(sm.LinearOperator):
+        def __init__(self) -> None:
+            super().__init__((3, 2))
+            self.weight = torch.nn.Parameter(torch.randn(3, 2, dtype=F64))
+
+        def _lower(self):
+            return NetNode(Network((Factor(self, "weight", (0, 1), (3, 2)),), ((1, 2),), ((0, 3),)))
+
+    A = torch.randn(3, 2, dtype=F64)
+    with caplog.at_level(logging.WARNING, logger="structmat"):
+        P = sm.project(A, like=NoRule())
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "NoRule(3, 2) declares no projection rule (class attribute 'projection')" in caplog.text
+    assert rel_error(P, A) < 1e-6  # the fallback still fits it
