@@ -201,6 +201,40 @@ def test_every_page_is_in_the_nav() -> None:
     assert not missing, f"pages not in mkdocs.yml's nav: {missing}"
 
 
+def _resolve(target: str) -> object:
+    """The object a ``::: dotted.path`` line documents (modules, then attributes)."""
+    parts = target.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(target)
+
+
+@pytest.mark.parametrize("package", ["structmat", "structmat_attention"])
+def test_api_reference_covers_every_public_name(package: str) -> None:
+    import types
+
+    text = "\n".join(p.read_text(encoding="utf-8") for p in (DOCS / "reference").glob("*.md"))
+    targets = re.findall(r"^::: ([\w.]+)", text, re.M)
+    documented = [_resolve(t) for t in targets]
+    module = importlib.import_module(package)
+    missing = []
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if isinstance(obj, types.ModuleType):
+            covered = any(t.startswith(f"{package}.{name}.") for t in targets)
+        else:
+            covered = any(d is obj for d in documented)
+        if not covered:
+            missing.append(name)
+    assert not missing, f"{package}.__all__ names missing from docs/reference/: {missing}"
+
+
 def test_benchmark_results_are_included_not_copied() -> None:
     page = (DOCS / "benchmarks.md").read_text(encoding="utf-8")
     assert '--8<-- "benchmarks/README.md"' in page
