@@ -44,6 +44,13 @@ anything else               gradient descent on ``||P - A||_F^2`` (``Sum``, ``Pr
                             iterate seen is returned, so it is never worse than ``op``.
 ==========================  ==================================================================================
 
+The families above are examples; each family's closed form lives next to it, as its ``_project`` method (see :mod:`structmat._family`); its class
+attribute ``projection`` names its rule (``"closed form"``, ``"parts"``, ``"levels"``, ``"fixed"`` or the explicit
+``"gradient"`` fallback). The gradient fallback is never silent: it logs on the ``"structmat"`` logger
+(``logging.getLogger("structmat")``) at INFO, with the reason (the family has no closed form, the closed form does
+not cover this instance, the parts share parameters), and at WARNING when the operator's class declares no
+``projection`` rule at all.
+
 Composites recurse: the blocks of a ``BlockDiagonal``, the parts of a ``Kronecker``, the inner operator of ``Scaled``
 and ``Transpose`` and the levels of a multi-level operator each use their own method. A composite whose parts share
 a parameter (``block_diag(D, D)``) is fitted by gradient descent as a whole, since fitting the parts one at a time
@@ -99,7 +106,8 @@ def project(
     See the module documentation for the method used for each structure: a closed form (``Dense``, ``Diagonal``,
     ``LowRank``, 2-core ``BTT``, ``Monarch``, 2-part ``Kronecker`` of ``Dense``, and ``BlockDiagonal``/``Scaled``/
     ``Transpose`` of those), alternating exact projections (``Kronecker`` of more or structured parts, multi-level
-    operators such as ``MultiLevelLowRank``), or gradient descent from ``like``'s parameters (anything else).
+    operators such as ``MultiLevelLowRank``), or gradient descent from ``like``'s parameters (anything else; logged on
+    the ``"structmat"`` logger).
 
     Args:
         A: the target, ``(m, n)`` for an operator of shape ``(m, n)``, ``(H, m, n)`` for a stack of H heads (head h
