@@ -44,8 +44,8 @@ anything else               gradient descent on ``||P - A||_F^2`` (``Sum``, ``Pr
                             iterate seen is returned, so it is never worse than ``op``.
 ==========================  ==================================================================================
 
-The families above are examples; each family's closed form lives next to it, as its ``_project`` method (see :mod:`structmat._family`); its class
-attribute ``projection`` names its rule (``"closed form"``, ``"parts"``, ``"levels"``, ``"fixed"`` or the explicit
+The families above are examples: each family's closed form lives next to it, as its ``_project`` method (see
+:mod:`structmat._family`), and its class attribute ``projection`` names its rule (``"closed form"``, ``"parts"``, ``"levels"``, ``"fixed"`` or the explicit
 ``"gradient"`` fallback). The gradient fallback is never silent: it logs on the ``"structmat"`` logger
 (``logging.getLogger("structmat")``) at INFO, with the reason (the family has no closed form, the closed form does
 not cover this instance, the parts share parameters), and at WARNING when the operator's class declares no
