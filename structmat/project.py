@@ -45,11 +45,11 @@ anything else               gradient descent on ``||P - A||_F^2`` (``Sum``, ``Pr
 ==========================  ==================================================================================
 
 The families above are examples: each family's closed form lives next to it, as its ``_project`` method (see
-:mod:`structmat._family`), and its class attribute ``projection`` names its rule (``"closed form"``, ``"parts"``, ``"levels"``, ``"fixed"`` or the explicit
-``"gradient"`` fallback). The gradient fallback is never silent: it logs on the ``"structmat"`` logger
-(``logging.getLogger("structmat")``) at INFO, with the reason (the family has no closed form, the closed form does
-not cover this instance, the parts share parameters), and at WARNING when the operator's class declares no
-``projection`` rule at all.
+:mod:`structmat._family`), and its class attribute ``projection`` names its rule (``"closed form"``, ``"parts"``,
+``"levels"``, ``"fixed"`` or the explicit ``"gradient"`` fallback). The gradient fallback is never silent: it logs on
+the ``"structmat"`` logger (``logging.getLogger("structmat")``) at INFO, with the reason (the family has no closed
+form, the closed form does not cover this instance, the parts share parameters), and at WARNING when the operator's
+class declares no ``projection`` rule at all.
 
 Composites recurse: the blocks of a ``BlockDiagonal``, the parts of a ``Kronecker``, the inner operator of ``Scaled``
 and ``Transpose`` and the levels of a multi-level operator each use their own method. A composite whose parts share
