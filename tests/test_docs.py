@@ -38,16 +38,12 @@ PAGES = sorted(p for p in DOCS.rglob("*.md") if "hooks" not in p.parts)
 #: Command prefixes the tests do not run, with the reason. Keep this short.
 NOT_RUN = {
     "pip install": "installation (CI installs the package itself, see .ci/run)",
-    "python -m pip install": "installation",
     "structmat-attention icl --preset quick": "trains for about 9 minutes; the smoke presets run in tests/",
     "structmat-attention lm --preset quick": "trains for about 6 minutes; the smoke presets run in tests/",
     "structmat-attention timeseries": "needs the ETTh1.csv data file and minutes of training",
     "structmat-attention report": "reads a finished run's directory",
     "torchrun": "starts several processes (a DDP test in tests/ runs it at the smoke size)",
     "structmat bench": "timing, seconds per call; structmat.bench runs in the python examples",
-    "python -m benchmarks": "the benchmark suite (minutes); its smoke size runs in tests/",
-    "mkdocs build": "run by CI after the tests (and here with STRUCTMAT_DOCS_BUILD=1)",
-    "python -m pytest": "the test suite itself",
 }
 
 #: Commands run in this process: prefix -> function taking argv (after the prefix's program name).
@@ -79,6 +75,15 @@ def _commands(body: str) -> list[str]:
             continue
         cmds.extend(part.strip() for part in line.split("&&") if part.strip())
     return cmds
+
+
+def _shell_commands() -> list[str]:
+    return [cmd for page in PAGES for _, lang, body in _blocks(page) if lang == "bash" for cmd in _commands(body)]
+
+
+def test_every_excuse_is_used() -> None:
+    unused = [prefix for prefix in NOT_RUN if not any(cmd.startswith(prefix) for cmd in _shell_commands())]
+    assert not unused, f"NOT_RUN entries no page uses (delete them): {unused}"
 
 
 def _not_run(cmd: str) -> str | None:
