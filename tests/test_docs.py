@@ -6,11 +6,12 @@ How a page's fenced blocks are run (one namespace per page, blocks in order, ``t
   ``python`` blocks without prompts are executed.
 - ``console`` blocks: each ``$ command`` line is run and the lines after it, up to the next ``$``, are its expected
   output (same checker). ``bash`` blocks: each command line is run, output not checked.
-- A command runs in this process when it is a ``structmat info`` / ``structmat`` command that takes no time
-  (:data:`IN_PROCESS`); every other command must be listed in :data:`NOT_RUN` with the reason it is not run here
-  (installation, minutes of training, timing). An unknown command fails the test, so a new command in the docs is
-  either run or explicitly excused.
-- Blocks in any other language (or none) are refused: a code block is code that runs.
+- A command runs in this process, through ``structmat.cli.main``, when it is one of :data:`IN_PROCESS` (instant,
+  shapes only); every other command must be listed in :data:`NOT_RUN` with the reason it is not run here
+  (installation, minutes of training, timing; an excuse no page uses fails a test). An unknown command fails the
+  test, so a new command in the docs is either run or explicitly excused.
+- Blocks in any other language (or none) are refused: a code block is code that runs. (Pages may still show
+  formulas as inline code; an indented code block is not used.)
 
 ``mkdocs build --strict`` runs in CI (.ci/run) after the tests, and here when ``STRUCTMAT_DOCS_BUILD=1``.
 """
@@ -46,7 +47,7 @@ NOT_RUN = {
     "structmat bench": "timing, seconds per call; structmat.bench runs in the python examples",
 }
 
-#: Commands run in this process: prefix -> function taking argv (after the prefix's program name).
+#: Command prefixes run in this process through ``structmat.cli.main`` (argv after the program name).
 IN_PROCESS = ("structmat info", "structmat --help")
 
 _FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
