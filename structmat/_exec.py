@@ -13,15 +13,16 @@ per ``(batch, per_head)``, into a :class:`Program` that chooses, for every step,
 - the memory order of the step's output (batch, rows, columns in any order that keeps a unit stride in every matrix),
   written directly by the GEMM (``out=``), so that the next step reads views and the last step writes the network's
   output contiguous in the input's layout ``(B, m)`` / ``(B, H, m)``;
-- the kernel: ``mm``/``linear`` for a single matrix product, ``bmm`` for a batch of them, or a loop of ``mm`` calls
-  where MKL's batched GEMM is slow (measured: 32 x (4096 x 32 · 32 x 128) runs 2.5x faster as a loop).
+- the kernel: ``linear`` for a dense factor applied to ``(B, n)``, else ``mm``/``bmm`` with ``out=`` the step's
+  buffer (ATen's ``bmm`` without ``out=`` measured 2.6x slower on 32 x (4096 x 32 · 32 x 128); with a strided
+  ``out=`` it multiplies slice by slice in C++, as fast as a loop of ``mm``).
 
-The choice is a small beam search over these options scored by the elements copied (operands that are not views,
-an output that is not in the final layout), ties going to fewer and cheaper kernel launches. A step whose output is
-in the plain ``(batch, rows, columns)`` order runs as torch's own ``mm``/``bmm`` (its autograd); any other order,
-and the loop kernel, run inside :class:`_Into`, a custom autograd function whose backward is the two GEMMs of a
-matrix product, written in the layout of the operands so that the gradients flow back through views as the
-activations flowed forward.
+Every GEMM step runs inside :class:`_Gemm`, a custom autograd function that takes the operands' views itself and
+whose backward writes each gradient as one GEMM directly in the layout of the operand's source tensor (a whole tensor
+comes back, no copy, no autograd view nodes); a broadcast operand's gradient is one GEMM with the batch folded into
+the contraction where the layouts allow, else a batched GEMM and a sum; an incoming gradient BLAS cannot read is
+copied into the nearest layout it can. Under ``create_graph`` the backward is made of differentiable torch ops
+(double backward).
 
 Networks the engine does not take (no factor, a label repeated within one operand) keep the einsum reference; so
 does tracing by ``torch.compile``, which sees one ``aten.einsum`` with its planned path.
