@@ -45,6 +45,12 @@ __all__ = [
 
 _PLAN_CACHE_SIZE = 64
 USE_ENGINE = True  # run networks by the compiled GEMM programs of :mod:`structmat._exec` (False: the einsum reference)
+#: Below this many flops (at the planned batch) a program of several steps leaves the work to the einsum: its Python
+#: steps cost ~5-10 µs each, more than the copies they save on such small tensors (measured on 2 cores: a low-rank
+#: 64/8/64 at batch 8, 16 kflop, 24 µs against 19 µs for the einsum, 107 against 90 with its backward; BTT(256, 256)
+#: at batch 8, 262 kflop, 91 against 54; from ~1 Mflop on the two tie, and above the engine wins up to 2x). A program
+#: of one step (a single GEMM) always runs.
+ENGINE_MIN_FLOPS = 1 << 19
 _einsum = torch.ops.aten.einsum.default  # the op behind torch.einsum; it takes a path, and torch.compile traces it
 
 
@@ -208,9 +214,14 @@ class NetNode(Node):
             operands.append(t)
         if scale != 1.0 and plan.scale_at > 0:
             operands[plan.scale_at] = operands[plan.scale_at] * scale
-        if plan.program is not None and USE_ENGINE:
+        program = plan.program
+        if (
+            program is not None
+            and USE_ENGINE
+            and (len(program.steps) == 1 or plan.contraction.flops >= ENGINE_MIN_FLOPS)
+        ):
             shape = (batch, self.heads, self.m) if self.heads is not None else (batch, self.m)
-            y = plan.program.run(operands, shape)
+            y = program.run(operands, shape)
             return y * scale if scale != 1.0 and plan.scale_at < 0 else y
         if plan.path is not None:
             y = _einsum(plan.equation, operands, path=plan.path)
@@ -220,9 +231,9 @@ class NetNode(Node):
             y = _einsum(plan.equation, operands)
         if scale != 1.0 and plan.scale_at < 0:
             y = y * scale
-        if y.ndim == 2 + (self.heads is not None):  # already (B, [H,] m)
-            return y
-        return y.reshape(batch, self.heads, self.m) if self.heads is not None else y.reshape(batch, self.m)
+        if y.ndim != 2 + (self.heads is not None):  # not yet (B, [H,] m)
+            y = y.reshape(batch, self.heads, self.m) if self.heads is not None else y.reshape(batch, self.m)
+        return y.contiguous()  # einsum may leave the batch innermost; the next layer would pay the copy
 
     def cost(self, batch: int, h: int = 0) -> Cost:
         if self.frozen:

@@ -19,6 +19,12 @@ from structmat import _exec, _nodes
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _engine_at_every_size(monkeypatch):
+    """The tests use small sizes: run the engine there too (by default small networks leave the work to einsum)."""
+    monkeypatch.setattr(_nodes, "ENGINE_MIN_FLOPS", 0)
+
+
 @contextlib.contextmanager
 def _reference():
     """Run networks through the einsum reference (the engine off)."""
@@ -322,3 +328,24 @@ def test_gemm_kernel_writes_a_factor_gradient_wide(layout):
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gw, rw)
     assert gw.stride() == (1, 9) and gx.stride() == x.stride()
+
+
+def test_small_networks_leave_the_work_to_einsum(monkeypatch):
+    """Under ENGINE_MIN_FLOPS a program of several steps is not run (its per-step Python costs more than it saves);
+    a single GEMM always is; the einsum's output comes back contiguous all the same."""
+    monkeypatch.setattr(_nodes, "ENGINE_MIN_FLOPS", 1 << 19)
+    ran = []
+    run = _exec.Program.run
+    monkeypatch.setattr(_exec.Program, "run", lambda self, *a: ran.append(len(self.steps)) or run(self, *a))
+    op = sm.BTT(12, 20, ranks=2, dtype=F64)  # 2 steps
+    small, large = torch.randn(3, 20, dtype=F64), torch.randn(4096, 20, dtype=F64)
+    assert op.cost(3).flops < 1 << 19 <= op.cost(4096).flops
+    y = op(small)
+    assert ran == [] and y.is_contiguous()
+    torch.testing.assert_close(y, small @ op.dense().T)
+    op(large)
+    assert ran == [2]
+    ran.clear()
+    stack = sm.Dense(5, 7, heads=3, dtype=F64)  # one step (a batched GEMM): always the engine
+    stack(torch.randn(2, 3, 7, dtype=F64), per_head=True)
+    assert ran == [1]
