@@ -115,7 +115,7 @@ class _Plan:
     expression: Any = None  # opt_einsum's compiled contraction, for paths torch's einsum does not take
     scale_at: int = -1  # the operand multiplied by the network's scale (a factor, k >= 1), or -1: the output
     program: Program | None = None  # the same path as GEMMs on views (see _exec), None: the einsum runs
-    linear: bool = False  # the program is F.linear(x, the one factor): applied without building operands
+    chain: tuple[tuple[int, bool], ...] | None = None  # a chain of matrices run as F.linear calls (see _linear_chain)
 
 
 class NetNode(Node):
@@ -175,13 +175,17 @@ class NetNode(Node):
             int(info.largest_intermediate),
         )
         program = compile_program(eq, [tuple(s) for s in shapes], [tuple(step) for step in path])
-        linear = program is not None and program.linear and self.heads is None and len(self._in_shape) == 1
+        chain = None
+        if self.heads is None and not per_head and len(self._in_shape) == 1:
+            chain = _linear_chain(eq, shapes, contraction.flops - scale_flops)
         if len(shapes) > 2 and all(len(step) == 2 for step in path):
-            return _Plan(eq, [i for pair in path for i in pair], contraction, scale_at=scale_at, program=program)
+            return _Plan(
+                eq, [i for pair in path for i in pair], contraction, scale_at=scale_at, program=program, chain=chain
+            )
         if len(shapes) > 2:  # a path with single-operand steps (sums over a label only one operand has)
             expression = oe.contract_expression(eq, *shapes, optimize=path)
             return _Plan(eq, None, contraction, expression, scale_at, program)
-        return _Plan(eq, None, contraction, scale_at=scale_at, program=program, linear=linear)
+        return _Plan(eq, None, contraction, scale_at=scale_at, program=program, chain=chain)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         compiling = torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference_mode_enabled
@@ -190,18 +194,21 @@ class NetNode(Node):
             if y is not None:
                 return y
         batch = x.shape[0]
-        # the common case of a dense matrix: one F.linear, nothing else (never while tracing: the batch may be
-        # symbolic, and looking it up would specialize the graph to it)
+        # the common case of a dense matrix or a chain of them: F.linear calls, nothing else (never while tracing:
+        # the batch may be symbolic, and looking it up would specialize the graph to it)
         if x.ndim == 2 and USE_ENGINE and not compiling:
-            plan = self._plans.get((batch, False))
-            if plan is not None and plan.linear:
-                w = self.network.factors[0].fetch()
-                if w.dtype != x.dtype:  # only under autocast (the operator checks dtypes otherwise)
-                    w = w.to(x.dtype)
+            plan = self._plan(batch, False)
+            if plan.chain is not None:
+                factors = self.network.factors
                 scale = self.network.scale
-                if scale == 1.0:
-                    return F.linear(x, w)
-                return F.linear(x, w * scale) if plan.scale_at > 0 else F.linear(x, w) * scale
+                for k, transposed in plan.chain:
+                    w = factors[k - 1].fetch()
+                    if w.dtype != x.dtype:  # only under autocast (the operator checks dtypes otherwise)
+                        w = w.to(x.dtype)
+                    if scale != 1.0 and k == plan.scale_at:
+                        w = w * scale
+                    x = F.linear(x, w.mT if transposed else w)
+                return x * scale if scale != 1.0 and plan.scale_at < 0 else x
         if x.ndim == 3 and self.heads is None:  # one operator for every head: fold the heads into the batch
             return self.apply(x.reshape(-1, self.n)).reshape(batch, x.shape[1], self.m)
         per_head = x.ndim == 3
@@ -253,6 +260,32 @@ class NetNode(Node):
 
     def scaled(self, c: float) -> Node:
         return _with_parts(NetNode(self.network.scaled(c)), self.parts)
+
+
+def _linear_chain(equation: str, shapes: list[tuple[int, ...]], flops: int) -> tuple[tuple[int, bool], ...] | None:
+    """``(operand, transposed)`` in the order a chain of matrices applies to ``x`` (``x`` first), when the network
+    is one (``x`` with one mode, every factor a matrix joined to the next by one label) and that order costs no
+    more than the planned path's ``flops``: it then runs as F.linear calls, the way one writes it by hand (one
+    C++ call per matrix; the einsum costs ~10 µs of dispatch more at small sizes). Else None."""
+    lhs, rhs = equation.split("->")
+    ops = lhs.split(",")
+    if len(ops[0]) != 2 or len(rhs) != 2 or rhs[0] != ops[0][0] or any(len(o) != 2 for o in ops[1:]):
+        return None
+    cur, rows = ops[0][1], shapes[0][0]
+    left, order, cost = set(range(1, len(ops))), [], 0
+    while left:
+        hits = [k for k in left if cur in ops[k]]
+        if len(hits) != 1 or ops[hits[0]][0] == ops[hits[0]][1]:
+            return None
+        k = hits[0]
+        transposed = ops[k][0] == cur  # stored (in, out); F.linear takes (out, in)
+        cur = ops[k][0] if not transposed else ops[k][1]
+        cost += 2 * rows * shapes[k][0] * shapes[k][1]
+        order.append((k, transposed))
+        left.remove(k)
+    if cur != rhs[1] or cost > flops:
+        return None
+    return tuple(order)
 
 
 _COMPILE_BATCH = 1024  # the batch a traced plan is made for (see _plan_of)

@@ -349,3 +349,39 @@ def test_small_networks_leave_the_work_to_einsum(monkeypatch):
     stack = sm.Dense(5, 7, heads=3, dtype=F64)  # one step (a batched GEMM): always the engine
     stack(torch.randn(2, 3, 7, dtype=F64), per_head=True)
     assert ran == [1]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: sm.Dense(7, 5, dtype=F64),
+        lambda: sm.Dense(12, 3, dtype=F64) @ sm.Dense(3, 5, dtype=F64),
+        lambda: sm.Dense(5, 7, dtype=F64).T @ sm.Dense(5, 3, dtype=F64),
+        lambda: 2.5 * (sm.Dense(7, 3, dtype=F64) @ sm.Dense(3, 12, dtype=F64) @ sm.Dense(12, 5, dtype=F64)),
+        lambda: sm.LowRank(12, 7, rank=3, dtype=F64),
+        lambda: -0.5 * sm.Dense(3, 12, dtype=F64).T,
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 5, 4096])
+def test_chains_of_matrices_run_as_linear_calls(make, batch):
+    """A chain of matrices applied x-first (when that order is as cheap as the plan) is a sequence of F.linear calls,
+    against the einsum reference: values and gradients, float64, outputs contiguous."""
+    op = make()
+    x = torch.randn(batch, op.shape[1], dtype=F64)
+    op(x)
+    chain = op._node._plans[(batch, False)].chain
+    if chain is not None:
+        assert sorted(k for k, _ in chain) == list(range(1, len(op._node.network.factors) + 1))
+    _check(op, x)
+
+
+def test_linear_chain_detection():
+    """Hand-derived: which networks are chains, in which order and orientation, and when x-first is too costly."""
+    chain = _nodes._linear_chain
+    assert chain("za,ba->zb", [(4, 3), (5, 3)], 2 * 4 * 15) == ((1, False),)
+    assert chain("za,bc,ca->zb", [(4, 3), (5, 2), (2, 3)], 10**9) == ((2, False), (1, False))
+    assert chain("za,ab,bc->zc", [(4, 3), (3, 2), (2, 5)], 10**9) == ((1, True), (2, True))
+    assert chain("za,ab,bc->zc", [(4, 3), (3, 2), (2, 5)], 2 * 4 * (6 + 10) - 1) is None  # x-first costs more
+    assert chain("zab,cab->zc", [(4, 3, 2), (5, 3, 2)], 10**9) is None  # x has two modes
+    assert chain("za,ab,ac->zbc", [(4, 3), (3, 2), (3, 5)], 10**9) is None  # not a chain
+    assert chain("za,aa->za", [(4, 3), (3, 3)], 10**9) is None  # a diagonal, not a matrix
