@@ -88,8 +88,6 @@ def test_info_huge_never_allocates(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_info_low_rank_family(capsys: pytest.CaptureFixture[str]) -> None:
-    if not hasattr(sm, "LowRank"):
-        pytest.skip("structmat.LowRank does not exist yet")
     code, out, _ = run(capsys, "info", "dense(1000000, 1000000) @ lowrank(1000000, 1000000, rank=8)", "--json")
     facts = json.loads(out)
     assert code == 0 and facts["rank_bound"] == 8 and facts["num_params"] == 10**12 + 16 * 10**6

@@ -2,8 +2,7 @@
 
 Every network of every zoo operator, stacks of heads (shared and per-head inputs), the hand-derived flops of a
 three-factor chain, the memory limit, cache invalidation, and the gradient rule. Sizes are distinct (3, 5, 7, 12)
-so that a swapped axis fails. The tests marked ``wired`` need ``NetNode.apply`` and ``LinearOperator.freeze``
-wired to this module; they are skipped until then.
+so that a swapped axis fails.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import pickle
 
 import pytest
 import torch
+import zoo
 from zoo import ZOO, build
 
 import structmat as sm
@@ -21,9 +21,6 @@ from structmat._nodes import NetNode
 
 F64 = torch.float64
 NAMES = sorted(ZOO)
-wired = pytest.mark.skipif(
-    not hasattr(sm.LinearOperator, "freeze"), reason="NetNode.apply / LinearOperator.freeze not wired yet"
-)
 
 
 def dense(m: int, n: int, heads: int | None = None) -> sm.Dense:
@@ -95,14 +92,7 @@ def test_frozen_tree_costs_what_the_reduced_network_runs():
 
 
 # -- stacks of heads --------------------------------------------------------------------------------------------------
-STACKS = {
-    "chain": lambda: chain(heads=3),
-    "lowrank": lambda: sm.LowRank(7, 5, rank=2, heads=3, dtype=F64),
-    "btt": lambda: sm.BTT(12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), heads=3, dtype=F64),
-    "tt": lambda: sm.TT(12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), heads=3, dtype=F64),
-    "monarch": lambda: sm.Monarch(12, 12, nblocks=3, heads=3, dtype=F64),
-    "scaled_chain": lambda: 2.5 * chain(heads=3),
-}
+STACKS = {name: (lambda make=make: make(3)) for name, make in zoo.STACKS.items()}  # the registry's, 3 heads
 
 
 @pytest.mark.parametrize("name", sorted(STACKS))
@@ -389,7 +379,6 @@ def test_errors():
 
 
 # -- the wired entry points --------------------------------------------------------------------------------------------
-@wired
 @pytest.mark.parametrize("name", NAMES)
 def test_inference_mode_matches_ordinary(name):
     op = build(name)
@@ -400,7 +389,6 @@ def test_inference_mode_matches_ordinary(name):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@wired
 def test_freeze_and_unfreeze():
     op = chain()
     (node,) = nets(op)
@@ -420,7 +408,6 @@ def test_freeze_and_unfreeze():
     assert not op.frozen and fz.cached_elements(node) == 0 and op.cost(5).flops == ordinary
 
 
-@wired
 def test_freeze_reaches_nested_operators():
     inner = chain()
     outer = sm.block_diag(inner, dense(5, 7))
@@ -431,7 +418,6 @@ def test_freeze_reaches_nested_operators():
         torch.testing.assert_close(outer(x), outer.unfreeze()(x), rtol=1e-12, atol=1e-12)
 
 
-@wired
 @pytest.mark.parametrize("name", sorted(STACKS))
 def test_inference_mode_stacks(name):
     torch.manual_seed(3)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import zoo
 from reference import reference_dense
 
 import structmat as sm
@@ -15,30 +16,7 @@ import structmat as sm
 F64 = torch.float64
 H = 3
 
-# Each builder takes ``heads`` (None for the single operator) and builds the same structure.
-STACKS: dict[str, Callable[[int | None], sm.LinearOperator]] = {
-    "dense": lambda heads: sm.Dense(5, 4, heads=heads, dtype=F64),
-    "lowrank": lambda heads: sm.LowRank(7, 5, rank=2, heads=heads, dtype=F64),
-    "btt2": lambda heads: sm.BTT(12, 10, ranks=2, heads=heads, dtype=F64),
-    "btt3": lambda heads: sm.BTT(
-        12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), heads=heads, dtype=F64
-    ),
-    "monarch": lambda heads: sm.Monarch(8, 12, nblocks=2, heads=heads, dtype=F64),
-    "tt": lambda heads: sm.TT(12, 8, ranks=[2, 3], in_factors=(2, 2, 2), out_factors=(3, 2, 2), heads=heads, dtype=F64),
-    "mlr": lambda heads: sm.MLR(12, 8, ranks=[2, 1, 1], blocks=[1, 2, 4], heads=heads, dtype=F64),
-    "multilevel": lambda heads: sm.MultiLevel(
-        12,
-        8,
-        [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.Monarch, blocks=2, nblocks=2)],
-        heads=heads,
-        dtype=F64,
-    ),
-    "kron_from_sizes": lambda heads: sm.Kronecker.from_sizes((3, 2), (2, 5), heads=heads, dtype=F64),
-    "block_diag_stack": lambda heads: sm.BlockDiagonal(sm.Dense(2, 3, heads=(heads or 1) * 4, dtype=F64), heads=heads),
-    "tensor_network": lambda heads: sm.TensorNetwork(
-        "y[c,d] = L[c,d,a] R[a,c,b] x[a,b]", sizes=dict(a=2, b=3, c=4, d=5), heads=heads, dtype=F64
-    ),
-}
+STACKS = zoo.STACKS  # the one test registry: each builder takes ``heads`` (None: the single operator)
 NAMES = sorted(STACKS)
 
 
