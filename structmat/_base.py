@@ -15,8 +15,8 @@ from torch.nn.utils import parametrize, prune
 
 from . import _family, _freeze
 from ._cost import Cost, Rank
-from ._factors import check_int
 from ._nodes import Node
+from .checks import check_int
 
 __all__ = ["LinearOperator"]
 

@@ -18,7 +18,7 @@ import torch
 
 from ._base import LinearOperator
 from ._cost import Cost, Timing
-from ._factors import check_int
+from .checks import check_int
 
 __all__ = ["bench", "BenchResult", "measure_cost", "DENSE_LIMIT_BYTES"]
 

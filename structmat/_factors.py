@@ -1,4 +1,5 @@
-"""Checks and defaults shared by the families: sizes, ranks, balanced factorizations and the rank they allow."""
+"""Defaults and checks shared by the families: factor splits, bond ranks, balanced factorizations and the rank they
+allow. Integer checks are :mod:`structmat.checks`."""
 
 from __future__ import annotations
 
@@ -10,61 +11,18 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ._network import Factor, Network
+from .checks import check_int, shown  # noqa: F401  (re-exported for older importers)
 
 __all__ = [
     "Spec",
     "balanced_factors",
     "check_factors",
     "check_ranks",
-    "check_int",
-    "check_optional_int",
-    "shown",
     "check_train",
     "default_splits",
     "spec_rank_bound",
     "warn_default_rank",
 ]
-
-
-def shown(value: object) -> str:
-    """``value`` as error messages quote it: its type and repr, but only the shape of a tensor or array (never its
-    values).
-
-    >>> shown(2.5), shown(torch.zeros(3, 5))
-    ('float 2.5', 'Tensor of shape (3, 5)')
-    """
-    shape = getattr(value, "shape", None)
-    if isinstance(value, torch.Tensor) or isinstance(shape, tuple):
-        return f"{type(value).__name__} of shape {tuple(shape)}"  # type: ignore[arg-type]
-    return f"{type(value).__name__} {value!r}"
-
-
-def check_int(owner: str, what: str, value: object, minimum: int = 1) -> int:
-    """``value`` as an int: TypeError when it is not an int (bools included), ValueError when below ``minimum``.
-
-    >>> check_int("Dense(3, 5)", "batch", 4)
-    4
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {what} must be an int, got {shown(value)}")
-    if value < minimum:
-        raise ValueError(f"{owner}: {what} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_optional_int(owner: str, what: str, value: object) -> int | None:
-    """None, or ``value`` as an int >= 1: TypeError when it is not an int (bools included), ValueError below 1.
-
-    >>> check_optional_int("Dense(3, 5)", "heads", None), check_optional_int("Dense(3, 5)", "heads", 4)
-    (None, 4)
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {what} must be None or an int >= 1, got {shown(value)}")
-    if value < 1:
-        raise ValueError(f"{owner}: {what} must be None or an int >= 1, got {value!r}")
-    return int(value)
 
 
 def prime_count(n: int) -> int:
@@ -251,3 +209,9 @@ def warn_default_rank(
         UserWarning,
         stacklevel=stacklevel,
     )
+
+
+def check_optional_int(owner: str, what: str, value: object) -> int | None:
+    """Deprecated (kept while structmat_attention moves to :func:`structmat.checks.check_int`): use
+    ``check_int(owner, what, value, optional=True)``."""
+    return check_int(owner, what, value, optional=True)

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from ._factors import check_optional_int
 from ._init import check_float_dtype, spectral_std
 from ._network import Factor, Network
+from .checks import check_int
 
 __all__ = [
     "define_network",
@@ -147,7 +147,7 @@ def check_heads(owner: str, heads: object) -> int | None:
     >>> check_heads("Dense(3, 5)", 4), check_heads("Dense(3, 5)", None)
     (4, None)
     """
-    return check_optional_int(owner, "heads", heads)
+    return check_int(owner, "heads", heads, optional=True)
 
 
 def define_network(

@@ -18,6 +18,7 @@ from . import _nodes
 from ._base import LinearOperator, check_compatible
 from ._family import check_heads
 from ._nodes import Node
+from .checks import check_int
 
 __all__ = ["Sum", "Product", "Transpose", "Kronecker", "BlockDiagonal", "Scaled", "kron", "block_diag"]
 
@@ -301,11 +302,7 @@ class BlockDiagonal(LinearOperator):
         from .operators.dense import Dense
 
         where = f"BlockDiagonal.from_sizes({m}, {n}, nblocks={nblocks})"
-        for what, v in (("m", m), ("n", n), ("nblocks", nblocks)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise TypeError(f"{where}: {what} must be a positive int, got {type(v).__name__} {v!r}")
-            if v < 1:
-                raise ValueError(f"{where}: {what} must be a positive int, got {v!r}")
+        m, n, nblocks = (check_int(where, what, v) for what, v in (("m", m), ("n", n), ("nblocks", nblocks)))
         if m % nblocks or n % nblocks:
             raise ValueError(f"{where}: nblocks must divide m={m} and n={n}")
         heads = check_heads(where, heads)

@@ -72,6 +72,7 @@ import torch
 
 from ._base import LinearOperator
 from ._family import truncated_svd as _truncated_svd
+from .checks import check_int
 from .combinators import BlockDiagonal, Kronecker, Scaled, Transpose
 from .operators.dense import Dense
 
@@ -154,10 +155,7 @@ def project(
 # -- checks ------------------------------------------------------------------------------------------------------------
 def _check_options(iters: object, tol: object, steps: object, lr: object, optimizer: object) -> _Options:
     for what, v, least in (("iters", iters, 1), ("steps", steps, 0)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"project: {what} must be an int, got {type(v).__name__} {v!r}")
-        if v < least:
-            raise ValueError(f"project: {what} must be >= {least}, got {v}")
+        check_int("project", what, v, least)
     for what, v in (("tol", tol), ("lr", lr)):
         if v is None and what == "lr":
             continue

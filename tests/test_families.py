@@ -704,7 +704,7 @@ ERRORS = [
         ValueError,
         r"BlockDiagonal.from_sizes\(12, 20, nblocks=3\): nblocks must divide m=12 and n=20",
     ),
-    (lambda: sm.BlockDiagonal.from_sizes(12, 20, 0), ValueError, r"nblocks must be a positive int, got 0"),
+    (lambda: sm.BlockDiagonal.from_sizes(12, 20, 0), ValueError, r"nblocks must be >= 1, got 0"),
     # MLR
     (
         lambda: sm.MLR(12, 8, ranks=[2, 0], blocks=[1, 2]),

@@ -15,9 +15,9 @@ from typing import Any, ClassVar, final
 import torch
 
 from .._base import LinearOperator
-from .._factors import check_int
 from .._family import check_heads, define_network, truncated_svd
 from .._nodes import NetNode, Node
+from ..checks import check_int
 
 __all__ = ["BlockLowRank"]
 

@@ -16,9 +16,9 @@ import torch
 
 from .. import _nodes
 from .._base import LinearOperator
-from .._factors import check_int
 from .._family import check_heads
 from .._nodes import Node
+from ..checks import check_int
 from .lowrank import LowRank
 from .multilevel import Partition, _build_level, _check_nested, _describe, _partition
 

@@ -23,9 +23,9 @@ import torch
 
 from .. import _nodes
 from .._base import LinearOperator, check_compatible
-from .._factors import check_int
 from .._family import check_heads
 from .._nodes import Node
+from ..checks import check_int
 from ..combinators import BlockDiagonal
 
 __all__ = ["BlockLevel", "MultiLevel"]

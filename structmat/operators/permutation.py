@@ -112,11 +112,13 @@ class Permutation(LinearOperator):
                     f"Permutation.from_axes: {what} must be a sequence of ints, got {type(seq).__name__} {seq!r}"
                 )
         sizes, order = tuple(sizes), tuple(order)
-        if not sizes or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in sizes):
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in sizes):
+            raise TypeError(f"Permutation.from_axes: sizes must be positive ints, got {sizes}")
+        if not sizes or any(s < 1 for s in sizes):
             raise ValueError(f"Permutation.from_axes: sizes must be positive ints, got {sizes}")
-        if any(isinstance(k, bool) or not isinstance(k, numbers.Integral) for k in order) or sorted(order) != list(
-            range(len(sizes))
-        ):
+        if any(isinstance(k, bool) or not isinstance(k, numbers.Integral) for k in order):
+            raise TypeError(f"Permutation.from_axes: order must be a permutation of range({len(sizes)}), got {order}")
+        if sorted(order) != list(range(len(sizes))):
             raise ValueError(f"Permutation.from_axes: order must be a permutation of range({len(sizes)}), got {order}")
         obj = cls.__new__(cls)
         obj._init_axes(tuple(int(s) for s in sizes), tuple(int(k) for k in order))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, final
@@ -11,9 +10,9 @@ from typing import Any, ClassVar, final
 import torch
 
 from .._base import LinearOperator
-from .._factors import shown
 from .._family import check_heads, define_network
 from .._nodes import NetNode, Node
+from ..checks import check_int
 
 __all__ = ["TensorNetwork"]
 
@@ -134,10 +133,7 @@ class TensorNetwork(LinearOperator):
         for lab, s in sizes.items():
             if lab not in used:
                 raise ValueError(f"{where}: unknown label {lab!r} in sizes; the spec's labels are {sorted(used)}")
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral):
-                raise TypeError(f"{where}: size of label {lab!r} must be an int, got {shown(s)}")
-            if s < 1:
-                raise ValueError(f"{where}: size of label {lab!r} must be >= 1, got {s!r}")
+            check_int(where, f"size of label {lab!r}", s)
         known: dict[str, tuple[int, str]] = {lab: (int(s), "sizes") for lab, s in sizes.items()}
         for name, labs in terms:
             if name not in factors:
