@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from structmat._factors import check_int, check_optional_int
+from structmat.checks import check_int
 
 __all__ = ["CostPart", "AttentionCost", "pairs_joined"]
 
@@ -135,8 +135,8 @@ def pairs_joined(block_size: int | None, window: int | None, t_q: int, t_k: int,
         >>> pairs_joined(None, None, 5, 5), pairs_joined(2, None, 5, 5), pairs_joined(None, 2, 5, 5)
         (25, 9, 13)
     """
-    block_size = check_optional_int("pairs_joined", "block_size", block_size)
-    window = check_optional_int("pairs_joined", "window", window)
+    block_size = check_int("pairs_joined", "block_size", block_size, optional=True)
+    window = check_int("pairs_joined", "window", window, optional=True)
     if block_size is not None and window is not None:
         raise ValueError(f"pairs_joined: give block_size={block_size} or window={window}, not both")
     t_q = check_int("pairs_joined", "t_q", t_q, 0)

@@ -1,4 +1,4 @@
-"""Attention layers: thin ``nn.Module`` s over :func:`structured_attention`, the paper's variants, and a KV cache.
+"""Attention layers: a thin ``nn.Module`` over :func:`structured_attention`, and a KV cache.
 
 A :class:`StructuredAttention` layer with ``H`` heads and levels ``l = 0 .. L-1`` maps tokens ``x`` of shape
 ``(..., T, D)`` to
@@ -13,130 +13,51 @@ attention), unless the layer is built with ``unjoined="zero"`` (score 0, still w
 Each ``W_l`` is applied through its cheapest split ``W_l = L_l^T R_l`` (:func:`structmat.bilinear_split`);
 the query features ``L_l x_i`` and key features ``R_l x_j`` are what a :class:`KVCache` keeps.
 
-The paper's set (Kuang et al., ICML 2025) are constructors: :func:`standard_attention`,
-:func:`bilinear_btt_attention`, :func:`bilinear_mlr_attention`, :func:`mlr_attention`,
-:func:`sliding_window_attention` and :func:`gswa_attention`.
+The paper's set (Kuang et al., ICML 2025) are constructors in :mod:`structmat_attention.variants` (still importable
+from here). :class:`LevelSpec` lives in :mod:`structmat_attention.levels` (re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-import warnings
 import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, final
 
 import torch
 
 import structmat as sm
-from structmat._factors import check_int, check_optional_int
+from structmat.checks import check_int
 
+from ._args import _bool_arg, _head_dim
 from .cost import AttentionCost, CostPart, pairs_joined
-from .functional import (
-    Level,
-    LevelFeatures,
-    attend,
-    attention_features,
-    attention_path,
-    resolve_scale,
-    structured_attention,
-)
+from .functional import attend, attention_path, structured_attention
+from .levels import Level, LevelFeatures, LevelSpec, attention_features, resolve_scale
 
-__all__ = [
-    "LevelSpec",
-    "KVCache",
-    "StructuredAttention",
+__all__ = ["LevelSpec", "KVCache", "StructuredAttention"]
+
+#: The paper's constructors, which moved to :mod:`structmat_attention.variants`: still importable from here.
+_MOVED = (
     "standard_attention",
     "bilinear_btt_attention",
     "bilinear_mlr_attention",
     "mlr_attention",
     "sliding_window_attention",
     "gswa_attention",
-]
-
-OperatorFactory = Callable[..., sm.LinearOperator]
+)
 
 
-@dataclass(frozen=True)
-class LevelSpec:
-    """A level described by how to build its operator, so that every layer built from it gets fresh parameters.
+def __getattr__(name: str) -> Any:
+    """``structmat_attention.layers.standard_attention`` etc. (imported lazily: variants imports this module)."""
+    if name in _MOVED:
+        from . import variants
 
-    Attributes:
-        make: ``make(d_model, n_heads, dtype=..., device=...)`` returns a stack of ``n_heads`` operators of shape
-            ``(d_model, d_model)``.
-        block_size: tokens per block (None: global, or windowed).
-        scale: the level's constant ``c_l``.
-        window: a sliding window instead of blocks: pairs with ``|i - j| < window``.
-
-    Example:
-        >>> import structmat as sm
-        >>> from structmat_attention import LevelSpec, StructuredAttention
-        >>> spec = LevelSpec(lambda d, h, **kw: sm.LowRank(d, d, rank=2, heads=h, **kw), block_size=4)
-        >>> layer = StructuredAttention(8, 2, levels=[spec])
-        >>> layer.levels[0].block_size, layer.levels[0].op.name
-        (4, 'LowRank(8, 8, rank=2, heads=2)')
-    """
-
-    make: OperatorFactory
-    block_size: int | None = None
-    scale: float = 1.0
-    window: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.make, sm.LinearOperator):
-            raise TypeError(
-                f"LevelSpec: make must be a factory (d_model, n_heads, dtype=, device=) -> operator, got the operator "
-                f"{self.make.name}; use Level(block_size, op) for an operator already built"
-            )
-        if not callable(self.make):
-            raise TypeError(
-                f"LevelSpec: make must be a callable (d_model, n_heads, dtype=, device=), got {self.make!r}"
-            )
-        object.__setattr__(self, "block_size", check_optional_int("LevelSpec", "block_size", self.block_size))
-        object.__setattr__(self, "window", check_optional_int("LevelSpec", "window", self.window))
-        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real):
-            raise TypeError(f"LevelSpec: scale must be a real number, got {type(self.scale).__name__} {self.scale!r}")
-        if self.block_size is not None and self.window is not None:
-            raise ValueError(f"LevelSpec: give block_size={self.block_size} or window={self.window}, not both")
-
-    def build(
-        self, d_model: int, n_heads: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> Level:
-        """The :class:`Level` with a freshly built operator."""
-        return Level(self.block_size, self.make(d_model, n_heads, dtype=dtype, device=device), self.scale, self.window)
+        return getattr(variants, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _check_bool(where: str, what: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{where}: {what} must be a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _int_list(where: str, what: str, values: object, allow_none: bool = False) -> list[Any]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
-        raise TypeError(f"{where}: {what} must be a non-empty list, one entry per level, got {values!r}")
-    out = []
-    for k, v in enumerate(values):
-        if v is None and allow_none:
-            out.append(None)
-            continue
-        kind = "None or an int >= 1" if allow_none else "an int >= 1"
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{where}: {what}[{k}] must be {kind}, got {type(v).__name__} {v!r}")
-        if v < 1:
-            raise ValueError(f"{where}: {what}[{k}] must be {kind}, got {v!r}")
-        out.append(int(v))
-    return out
-
-
-def _head_dim(where: str, d_model: int, n_heads: int) -> int:
-    d_model = check_int(where, "d_model", d_model)
-    n_heads = check_int(where, "n_heads", n_heads)
-    if d_model % n_heads:
-        raise ValueError(f"{where}: n_heads={n_heads} must divide d_model={d_model}")
-    return d_model // n_heads
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MOVED])
 
 
 @final
@@ -325,11 +246,11 @@ class StructuredAttention(torch.nn.Module):
             built.append(lv)
         self.levels: list[Level] = built
         self.level_ops = torch.nn.ModuleList(lv.op for lv in built)  # registers the parameters
-        self.causal = _check_bool(where, "causal", causal)
+        self.causal = _bool_arg(where, "causal", causal)
         resolve_scale(scale, 1, where)  # validate now
         self.scale = scale
-        self.qk_norm = _check_bool(where, "qk_norm", qk_norm)
-        self.key_block = check_optional_int(where, "key_block", key_block)
+        self.qk_norm = _bool_arg(where, "qk_norm", qk_norm)
+        self.key_block = check_int(where, "key_block", key_block, optional=True)
         if unjoined is not None and unjoined not in ("zero", "mask"):
             raise ValueError(f"{where}: unjoined must be None, 'zero' or 'mask', got {unjoined!r}")
         self.unjoined = unjoined
@@ -563,262 +484,3 @@ class StructuredAttention(torch.nn.Module):
             dtype=param.dtype if param is not None else None,
             device=param.device if param is not None else None,
         )
-
-
-# -- the paper's set ---------------------------------------------------------------------------------------------------
-
-
-def _lowrank(rank: int) -> OperatorFactory:
-    def make(d: int, h: int, **kw: Any) -> sm.LinearOperator:
-        return sm.LowRank(d, d, rank=rank, heads=h, **kw)
-
-    return make
-
-
-def standard_attention(d_model: int, n_heads: int, *, d_head: int | None = None, **options: Any) -> StructuredAttention:
-    """Standard multi-head attention: one global low-rank level per head.
-
-    ``s_h(i, j) = x_i^T W_Q[h]^T W_K[h] x_j / sqrt(d_head)``, i.e. ``W[h] = U_h V_h`` (``LowRank``, rank ``d_head``)
-    with queries ``U_h^T x_i`` and keys ``V_h x_j``; values ``W_V[h] x_j`` of width ``d_head``.
-
-    Args:
-        d_model: token width.
-        n_heads: heads (must divide ``d_model`` unless ``d_head`` is given).
-        d_head: query/key width per head (default ``d_model // n_heads``).
-        **options: passed to :class:`StructuredAttention` (``d_value``, ``causal``, ``scale``, ``qk_norm``,
-            ``key_block``, ``dtype``, ``device``).
-
-    Example:
-        >>> import torch
-        >>> from structmat_attention import standard_attention
-        >>> layer = standard_attention(16, 4)
-        >>> layer.levels[0].op.name, layer(torch.randn(3, 16)).shape
-        ('LowRank(16, 16, rank=4, heads=4)', torch.Size([3, 16]))
-    """
-    where = f"standard_attention(d_model={d_model}, n_heads={n_heads})"
-    if d_head is None:
-        d_head = _head_dim(where, d_model, n_heads)
-    d_head = check_int(where, "d_head", d_head)
-    options.setdefault("d_value", d_head)
-    return StructuredAttention(d_model, n_heads, [LevelSpec(_lowrank(d_head))], **options)
-
-
-def _btt_rank(d: int, bond: int, shape: dict[str, Any]) -> int:
-    """The rank bound of a BTT(d, d) with this bond, from shapes on the meta device (its rank warning silenced: this
-    is the probe that finds the full-rank bond)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return sm.BTT(d, d, ranks=bond, device="meta", **shape).rank().bound
-
-
-def bilinear_btt_attention(
-    d_model: int,
-    n_heads: int,
-    *,
-    ranks: int | Sequence[int] | None = None,
-    in_factors: Sequence[int] | None = None,
-    out_factors: Sequence[int] | None = None,
-    **options: Any,
-) -> StructuredAttention:
-    """Bilinear BTT attention: one global level, ``W[h]`` a full-rank block tensor-train per head.
-
-    ``s_h(i, j) = c · x_i^T B_h x_j`` with ``B_h = BTT(d_model, d_model, ranks)``. When no cut of the BTT is
-    narrower than ``d_model`` (full rank: cores ``(a, b) x (c, d)`` with bond ``s`` need ``a · c · s >= d_model``),
-    the split is ``(I, B_h)``: the query side is the raw token, the keys are ``B_h x_j``, and a pair costs
-    ``d_model`` per head (``scale='sqrt'`` gives ``c = 1/sqrt(d_model)``). A narrower BTT splits at its cut like any
-    operator.
-
-    Args:
-        d_model: token width.
-        n_heads: heads.
-        ranks: BTT bond rank(s); default the smallest single bond that makes ``B_h`` full rank (1 when ``d_model``
-            is a square, e.g. 2 for 12 = (3, 4) x (3, 4)).
-        in_factors: the BTT input split (default balanced).
-        out_factors: the BTT output split.
-        **options: passed to :class:`StructuredAttention`.
-
-    Example:
-        >>> import torch
-        >>> from structmat_attention import bilinear_btt_attention
-        >>> layer = bilinear_btt_attention(16, 2)
-        >>> layer.levels[0].op.name, layer(torch.randn(5, 16)).shape
-        ('BTT(16, 16, ranks=[1], heads=2)', torch.Size([5, 16]))
-    """
-
-    def make(d: int, h: int, **kw: Any) -> sm.LinearOperator:
-        shape = dict(in_factors=in_factors, out_factors=out_factors)
-        bond = ranks
-        if bond is None:  # the smallest full-rank bond, found from shapes on the meta device
-            bond = 1
-            while _btt_rank(d, bond, shape) < d:
-                bond += 1
-        return sm.BTT(d, d, ranks=bond, heads=h, **shape, **kw)
-
-    return StructuredAttention(d_model, n_heads, [LevelSpec(make)], **options)
-
-
-def bilinear_mlr_attention(
-    d_model: int,
-    n_heads: int,
-    ranks: Sequence[int],
-    blocks: Sequence[Any] | None = None,
-    **options: Any,
-) -> StructuredAttention:
-    """Bilinear MLR attention over the features: one global level, ``W[h]`` a multi-level low-rank matrix.
-
-    ``s_h(i, j) = c · x_i^T M_h x_j`` with ``M_h = Σ_k diag(U_{k,1} V_{k,1}, ..., U_{k,b_k} V_{k,b_k})`` over feature
-    levels ``k`` of ``b_k = blocks[k]`` diagonal blocks of rank ``ranks[k]`` (:class:`structmat.MultiLevelLowRank`).
-    Its split concatenates the levels' cuts: width ``Σ_k b_k · ranks[k]`` per pair and head.
-
-    Args:
-        d_model: token width.
-        n_heads: heads.
-        ranks: the rank of each feature level's blocks.
-        blocks: each feature level's number of blocks (default ``[1, 2, 4, ...]``).
-        **options: passed to :class:`StructuredAttention`.
-
-    Example:
-        >>> import torch
-        >>> from structmat_attention import bilinear_mlr_attention
-        >>> layer = bilinear_mlr_attention(16, 2, ranks=[2, 1], blocks=[1, 4])
-        >>> layer(torch.randn(5, 16)).shape, layer.cost(5)["scores[0]"].macs  # 2 heads * 25 pairs * (2 + 4*1)
-        (torch.Size([5, 16]), 300)
-    """
-
-    def make(d: int, h: int, **kw: Any) -> sm.LinearOperator:
-        return sm.MultiLevelLowRank(d, d, ranks=ranks, blocks=blocks, heads=h, **kw)
-
-    return StructuredAttention(d_model, n_heads, [LevelSpec(make)], **options)
-
-
-def mlr_attention(
-    d_model: int,
-    n_heads: int,
-    ranks: Sequence[int],
-    block_sizes: Sequence[int | None] | None = None,
-    *,
-    max_seq_len: int | None = None,
-    **options: Any,
-) -> StructuredAttention:
-    """MLR attention over the sequence: level ``l`` joins tokens in the same block of ``T_l``, low-rank ``r_l`` each.
-
-    ``s_h(i, j) = c · Σ_l [⌊i/T_l⌋ = ⌊j/T_l⌋] · x_i^T U_{l,h} V_{l,h} x_j`` with ``U_{l,h} V_{l,h}`` of rank
-    ``r_l = ranks[l]``: the head's query/key channels are split across the levels (typically ``Σ_l r_l = d_head``),
-    so ``scale='sqrt'`` gives ``c = 1/sqrt(Σ_l r_l)`` and one level equals standard attention. The scores cost
-    ``Σ_l r_l · T_l`` per query and head. Blocks that don't divide ``T`` end in a partial block. Without a global
-    level (every block size given), tokens in no common block do not attend to each other at all (``unjoined``
-    default; ``unjoined="zero"`` gives them score 0 instead).
-
-    Args:
-        d_model: token width.
-        n_heads: heads (must divide ``d_model`` unless ``d_value`` is given).
-        ranks: ``r_l`` per level.
-        block_sizes: ``T_l`` per level (None: global). Default ``[None, T/2, T/4, ...]`` with ``T = max_seq_len``.
-        max_seq_len: the sequence length the default block sizes halve.
-        **options: passed to :class:`StructuredAttention`.
-
-    Example:
-        >>> import torch
-        >>> from structmat_attention import mlr_attention
-        >>> layer = mlr_attention(16, 2, ranks=[4, 2, 2], max_seq_len=8)
-        >>> [lv.block_size for lv in layer.levels], layer(torch.randn(7, 16)).shape
-        ([None, 4, 2], torch.Size([7, 16]))
-    """
-    where = f"mlr_attention(d_model={d_model}, n_heads={n_heads})"
-    rs = _int_list(where, "ranks", ranks)
-    if block_sizes is None:
-        if max_seq_len is None:
-            raise ValueError(f"{where}: give block_sizes, or max_seq_len for the default [None, T/2, T/4, ...]")
-        max_seq_len = check_int(where, "max_seq_len", max_seq_len)
-        if max_seq_len >> (len(rs) - 1) < 1:
-            raise ValueError(
-                f"{where}: max_seq_len={max_seq_len} is too short to halve into {len(rs)} levels "
-                f"(needs >= {2 ** (len(rs) - 1)})"
-            )
-        sizes: list[int | None] = [None] + [max_seq_len >> k for k in range(1, len(rs))]
-    else:
-        sizes = _int_list(where, "block_sizes", block_sizes, allow_none=True)
-    if len(sizes) != len(rs):
-        raise ValueError(
-            f"{where}: ranks has {len(rs)} entries but block_sizes has {len(sizes)}; give one block size per level"
-        )
-    specs = [LevelSpec(_lowrank(r), block_size=b) for r, b in zip(rs, sizes)]
-    return StructuredAttention(d_model, n_heads, specs, **options)
-
-
-def sliding_window_attention(
-    d_model: int, n_heads: int, window: int, *, d_head: int | None = None, **options: Any
-) -> StructuredAttention:
-    """Sliding-window attention: token ``i`` attends to ``j`` only when ``|i - j| < window``.
-
-    ``s_h(i, j) = x_i^T U_h V_h x_j / sqrt(d_head)`` for ``|i - j| < window``, and the pair is masked out otherwise
-    (the layer's default for a set of levels none of which is global): causally, each query sees itself and the
-    ``window - 1`` tokens before it, and a :class:`KVCache` holds at most ``window - 1`` tokens between calls.
-
-    Args:
-        d_model: token width.
-        n_heads: heads.
-        window: ``w >= 1``.
-        d_head: query/key width per head (default ``d_model // n_heads``).
-        **options: passed to :class:`StructuredAttention`.
-
-    Example:
-        >>> import torch
-        >>> from structmat_attention import sliding_window_attention
-        >>> layer = sliding_window_attention(8, 2, window=3)
-        >>> layer.levels[0].window, layer(torch.randn(6, 8)).shape
-        (3, torch.Size([6, 8]))
-    """
-    where = f"sliding_window_attention(d_model={d_model}, n_heads={n_heads}, window={window})"
-    window = check_int(where, "window", window)
-    if d_head is None:
-        d_head = _head_dim(where, d_model, n_heads)
-    d_head = check_int(where, "d_head", d_head)
-    options.setdefault("d_value", d_head)
-    return StructuredAttention(d_model, n_heads, [LevelSpec(_lowrank(d_head), window=window)], **options)
-
-
-def gswa_attention(
-    d_model: int,
-    n_heads: int,
-    window: int,
-    *,
-    global_rank: int | None = None,
-    window_rank: int | None = None,
-    **options: Any,
-) -> StructuredAttention:
-    """Global + sliding-window attention (GSWA): the head's channels split between a global and a windowed level.
-
-    ``s_h(i, j) = c · (x_i^T U_h V_h x_j + [|i - j| < w] · x_i^T U'_h V'_h x_j)`` with ranks ``global_rank`` and
-    ``window_rank`` (default ``d_head // 2`` and the rest): far pairs see the global part only, near pairs both;
-    ``scale='sqrt'`` gives ``c = 1/sqrt(global_rank + window_rank)``.
-
-    Args:
-        d_model: token width.
-        n_heads: heads (must divide ``d_model``).
-        window: ``w >= 1``.
-        global_rank: rank of the global level per head.
-        window_rank: rank of the windowed level per head.
-        **options: passed to :class:`StructuredAttention`.
-
-    Example:
-        >>> import torch
-        >>> from structmat_attention import gswa_attention
-        >>> layer = gswa_attention(16, 2, window=4)
-        >>> [lv.op.name for lv in layer.levels]
-        ['LowRank(16, 16, rank=4, heads=2)', 'LowRank(16, 16, rank=4, heads=2)']
-    """
-    where = f"gswa_attention(d_model={d_model}, n_heads={n_heads}, window={window})"
-    window = check_int(where, "window", window)
-    d_head = _head_dim(where, d_model, n_heads)
-    if global_rank is None and window_rank is None and d_head < 2:
-        raise ValueError(f"{where}: d_head={d_head} cannot be split between a global and a windowed level")
-    if global_rank is None:
-        global_rank = d_head // 2 if window_rank is None else max(d_head - window_rank, 1)
-    if window_rank is None:
-        window_rank = max(d_head - global_rank, 1)
-    global_rank = check_int(where, "global_rank", global_rank)
-    window_rank = check_int(where, "window_rank", window_rank)
-    options.setdefault("d_value", d_head)
-    specs = [LevelSpec(_lowrank(global_rank)), LevelSpec(_lowrank(window_rank), window=window)]
-    return StructuredAttention(d_model, n_heads, specs, **options)

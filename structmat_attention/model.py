@@ -2,7 +2,7 @@
 
 ``h_0 = E[tokens] + P[positions]``; each block ``h <- h + attn(LN(h))``, ``h <- h + MLP(LN(h))``; logits
 ``= W_head LN(h_L)``. The attention is any callable ``(d_model, n_heads) -> module`` whose module takes
-``forward(x, mask=None, cache=None)``, such as the constructors of :mod:`structmat_attention.layers` (bind their
+``forward(x, mask=None, cache=None)``, such as the constructors of :mod:`structmat_attention.variants` (bind their
 other arguments with :func:`functools.partial`).
 """
 
@@ -15,7 +15,7 @@ from typing import final
 
 import torch
 
-from structmat._factors import check_int
+from structmat.checks import check_int
 
 from .layers import KVCache
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from structmat._factors import check_int
+from structmat.checks import check_int
 from structmat.init import mup_param_groups
 
 from ..layers import StructuredAttention

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 import structmat as sm
-from structmat._factors import check_int
+from structmat.checks import check_int
 
-from ..layers import bilinear_btt_attention, bilinear_mlr_attention, standard_attention
 from ..model import TransformerBlock
+from ..variants import bilinear_btt_attention, bilinear_mlr_attention, standard_attention
 from ._runner import RunSpec
 from ._train import TrainConfig, count_params, fit, transformer_cost, zero_attention_outputs
 

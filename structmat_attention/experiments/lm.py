@@ -2,8 +2,8 @@
 
 The paper's second experiment (Kuang et al., ICML 2025, Sec. on language modelling): a decoder-only transformer
 (:class:`~structmat_attention.model.GPT`) over characters, whose attention is one of four variants at the same width
-and head count: ``standard`` (:func:`~structmat_attention.layers.standard_attention`), ``mlr``
-(:func:`~structmat_attention.layers.mlr_attention`, levels over the sequence: global, blocks of T/2, T/4, ...),
+and head count: ``standard`` (:func:`~structmat_attention.variants.standard_attention`), ``mlr``
+(:func:`~structmat_attention.variants.mlr_attention`, levels over the sequence: global, blocks of T/2, T/4, ...),
 ``sliding_window`` and ``gswa`` (global + sliding window). All use the paper's QK-LayerNorm and zero init of the
 attention output projections and the LM head. Metric: validation loss in nats per character against non-embedding
 training compute.
@@ -22,7 +22,7 @@ starts in the training text) with a generator seeded from ``(k, s)``, so any num
 batches. Validation: a fixed set of windows of the validation text (one generator seed for every run), mean
 cross-entropy over all their positions.
 
-Differences from the paper: GSWA is :func:`~structmat_attention.layers.gswa_attention`, whose global and windowed
+Differences from the paper: GSWA is :func:`~structmat_attention.variants.gswa_attention`, whose global and windowed
 scores share one softmax (the paper sums two softmaxes' probabilities); MLR attention's scores are not divided by the
 number of levels that cover a pair; the corpus is Python source or a file of your choice, not OpenWebText.
 """
@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 
-from structmat._factors import check_int
+from structmat.checks import check_int
 
-from ..layers import gswa_attention, mlr_attention, sliding_window_attention, standard_attention
 from ..model import GPT
+from ..variants import gswa_attention, mlr_attention, sliding_window_attention, standard_attention
 from ._runner import RunSpec
 from ._train import TrainConfig, count_params, fit, transformer_cost, zero_attention_outputs
 

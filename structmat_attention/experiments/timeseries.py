@@ -56,10 +56,10 @@ from typing import Any
 
 import torch
 
-from structmat._factors import check_int
+from structmat.checks import check_int
 
-from ..layers import mlr_attention, standard_attention
 from ..model import TransformerBlock
+from ..variants import mlr_attention, standard_attention
 from ._runner import RunSpec
 from ._train import TrainConfig, count_params, fit, transformer_cost, zero_attention_outputs
 
