@@ -10,11 +10,12 @@ Example:
 """
 
 from . import init
-from ._base import LinearOperator
-from ._bench import BenchResult, bench
-from ._cost import Contraction, Cost, Rank, Timing
+from .benchmark import BenchResult, bench
 from .bilinear import bilinear_split
 from .combinators import BlockDiagonal, Kronecker, Product, Scaled, Sum, Transpose, block_diag, kron
+from .core import paths as _paths  # noqa: F401  deprecated: the old path of structmat.core.paths (benchmarks/bench_paths.py)
+from .core.base import LinearOperator
+from .core.cost import Contraction, Cost, Rank, Timing
 from .expr import parse, to_expr
 from .init import mup_param_groups
 from .operators import (
@@ -27,6 +28,7 @@ from .operators import (
     Dense,
     Diagonal,
     Identity,
+    LevelRecipe,
     LowRank,
     Monarch,
     MultiLevel,
@@ -64,6 +66,7 @@ __all__ = [
     "MLR",
     "MultiLevel",
     "BlockLevel",
+    "LevelRecipe",
     "Sum",
     "Product",
     "Transpose",

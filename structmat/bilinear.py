@@ -9,8 +9,8 @@ from typing import final
 
 import torch
 
-from ._base import LinearOperator
-from ._nodes import NetNode, Node, SumNode
+from .core.base import LinearOperator
+from .core.nodes import NetNode, Node, SumNode
 from .operators.identity import Identity
 
 __all__ = ["bilinear_split"]

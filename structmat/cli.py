@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from ._base import LinearOperator
-from ._bench import bench
+from .benchmark import bench
+from .core.base import LinearOperator
 from .expr import REGISTRY, parse, to_expr
 
 __all__ = ["main", "info", "EXIT_BROKEN_PIPE"]

@@ -14,11 +14,11 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from . import _nodes
-from ._base import LinearOperator, check_compatible
-from ._family import check_heads
-from ._nodes import Node
 from .checks import check_int
+from .core import nodes as _nodes
+from .core.base import LinearOperator, check_compatible
+from .core.family import check_heads
+from .core.nodes import Node
 
 __all__ = ["Sum", "Product", "Transpose", "Kronecker", "BlockDiagonal", "Scaled", "kron", "block_diag"]
 

@@ -42,9 +42,9 @@ from typing import Any, NamedTuple
 import torch
 
 from . import operators as _operators  # noqa: F401 - defining the families registers their expressions
-from ._base import LinearOperator
-from ._family import EXPRESSIONS, register_expression
 from .combinators import Product, Scaled, Sum, Transpose
+from .core.base import LinearOperator
+from .core.family import EXPRESSIONS, register_expression
 
 __all__ = ["parse", "to_expr", "REGISTRY"]
 
@@ -62,7 +62,7 @@ register_expression("dict", _mapping)
 #: The names an expression may call. Each maps to a constructor that takes the call's positional and keyword
 #: arguments; ``dtype``/``device`` are passed on to every constructor whose signature names them. Filled by the
 #: operator classes themselves: a class that declares ``expr_name`` (and ``_expr_args`` for :func:`to_expr`) is
-#: registered when it is defined (see :mod:`structmat._family`), so a new family adds nothing here.
+#: registered when it is defined (see :mod:`structmat.core.family`), so a new family adds nothing here.
 REGISTRY: dict[str, Callable[..., Any]] = EXPRESSIONS
 
 #: The composites written with operators rather than a call: ``A + B``, ``A @ B``, ``c * A`` and ``A.T``.

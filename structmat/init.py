@@ -47,8 +47,8 @@ from typing import Any
 
 import torch
 
-from ._base import LinearOperator
-from ._init import spectral_std
+from .core.base import LinearOperator
+from .core.params import spectral_std
 
 __all__ = ["spectral_", "spectral_std", "parameter_fans", "mup_param_groups"]
 

@@ -45,7 +45,7 @@ anything else               gradient descent on ``||P - A||_F^2`` (``Sum``, ``Pr
 ==========================  ==================================================================================
 
 The families above are examples: each family's closed form lives next to it, as its ``_project`` method (see
-:mod:`structmat._family`), and its class attribute ``projection`` names its rule (``"closed form"``, ``"parts"``,
+:mod:`structmat.core.family`), and its class attribute ``projection`` names its rule (``"closed form"``, ``"parts"``,
 ``"levels"``, ``"fixed"`` or the explicit ``"gradient"`` fallback). The gradient fallback is never silent: it logs on
 the ``"structmat"`` logger (``logging.getLogger("structmat")``) at INFO, with the reason (the family has no closed
 form, the closed form does not cover this instance, the parts share parameters), and at WARNING when the operator's
@@ -70,10 +70,10 @@ from typing import Literal
 
 import torch
 
-from ._base import LinearOperator
-from ._family import truncated_svd as _truncated_svd
 from .checks import check_int
 from .combinators import BlockDiagonal, Kronecker, Scaled, Transpose
+from .core.base import LinearOperator
+from .core.family import truncated_svd as _truncated_svd
 from .operators.dense import Dense
 
 __all__ = ["project"]

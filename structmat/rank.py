@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from ._base import LinearOperator
+from .core.base import LinearOperator
 
 __all__ = ["numerical_rank"]
 

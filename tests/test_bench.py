@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import structmat as sm
-from structmat import _bench
-from structmat._bench import measure_cost
+from structmat import benchmark as _bench
+from structmat.benchmark import measure_cost
 from structmat.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -643,7 +643,7 @@ HEADS_BUILDERS = {
     "Dense": lambda h: sm.Dense(3, 5, heads=h),
     "LowRank": lambda h: sm.LowRank(7, 5, rank=2, heads=h),
     "TensorNetwork": lambda h: tn(LOWRANK, LR_SIZES, heads=h),
-    "MultiLevel": lambda h: sm.MultiLevel(12, 12, [sm.BlockLevel(sm.Dense)], heads=h),
+    "MultiLevel": lambda h: sm.MultiLevel(12, 12, [sm.LevelRecipe(sm.Dense)], heads=h),
     "BlockDiagonal.from_sizes": lambda h: sm.BlockDiagonal.from_sizes(12, 20, 4, heads=h),
     "BlockDiagonal": lambda h: sm.BlockDiagonal(sm.Dense(2, 3, heads=12), heads=h),
 }
@@ -707,12 +707,12 @@ def test_tensor_operand_is_named_without_its_values(build, msg):
 def test_block_level_of_a_built_operator():
     with pytest.raises(
         TypeError,
-        match=r"BlockLevel: family must be an operator class or a factory called as family\(rows, cols, \.\.\.\) for "
+        match=r"LevelRecipe: family must be an operator class or a factory called as family\(rows, cols, \.\.\.\) for "
         r"every block, got the built operator Dense\(5, 3\); pass its class",
     ):
-        sm.BlockLevel(sm.Dense(5, 3), blocks=2)
+        sm.LevelRecipe(sm.Dense(5, 3), blocks=2)
     with pytest.raises(TypeError, match=r"got the built operator Linear"):
-        sm.BlockLevel(torch.nn.Linear(3, 5))
+        sm.LevelRecipe(torch.nn.Linear(3, 5))
 
 
 # -- scalars whose product leaves float64 --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The execution engine (structmat._exec) against the einsum reference it replaces: values and gradients in float64,
+"""The execution engine (structmat.core.engine) vs the einsum reference it replaces: values and gradients in float64,
 for every operator of the zoo, stacks of heads, distinct batch sizes, scaled and random networks, strided inputs and
 autocast; and the layouts it promises (contiguous outputs, no copy of the activations where a view does)."""
 
@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from test_algebra import any_operator
 
 import structmat as sm
-from structmat import _exec, _nodes
+from structmat.core import engine as _exec
+from structmat.core import nodes as _nodes
 
 F64 = torch.float64
 

@@ -498,7 +498,7 @@ def test_multilevel_with_heads_roundtrips() -> None:
     op = sm.MultiLevel(
         12,
         8,
-        [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.Dense, blocks=4)],
+        [sm.LevelRecipe(sm.LowRank, rank=2), sm.LevelRecipe(sm.Dense, blocks=4)],
         heads=3,
         device=META,
     )

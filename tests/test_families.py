@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from reference import reference_dense
 
 import structmat as sm
-from structmat._factors import balanced_factors
+from structmat.core.splits import balanced_factors
 
 F64 = torch.float64
 
@@ -511,9 +511,9 @@ def test_multilevel_mixed_families():
         12,
         8,
         [
-            sm.BlockLevel(sm.LowRank, rank=2),
-            sm.BlockLevel(sm.BTT, blocks=2, ranks=1),
-            sm.BlockLevel(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)]),
+            sm.LevelRecipe(sm.LowRank, rank=2),
+            sm.LevelRecipe(sm.BTT, blocks=2, ranks=1),
+            sm.LevelRecipe(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)]),
         ],
         dtype=F64,
     )
@@ -543,7 +543,7 @@ def test_multilevel_of_built_operators_shares_parameters():
 
 
 def tensor_network_family(spec: str, **sizes: int):
-    """A BlockLevel family whose blocks are one tensor contraction given by ``spec``: the paper's "block tensor
+    """A LevelRecipe family whose blocks are one tensor contraction given by ``spec``: the paper's "block tensor
     contraction". ``rows``/``cols`` name the labels whose sizes follow each block's shape."""
 
     def family(rows: int, cols: int, *, heads=None, dtype=None, device=None, out="o", inp="i") -> sm.TensorNetwork:
@@ -554,7 +554,7 @@ def tensor_network_family(spec: str, **sizes: int):
 
 def test_lowrank_is_a_multilevel():
     A = sm.LowRank(7, 5, rank=2, dtype=F64)
-    M = sm.MultiLevel(7, 5, [sm.BlockLevel(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=2))], dtype=F64)
+    M = sm.MultiLevel(7, 5, [sm.LevelRecipe(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=2))], dtype=F64)
     with torch.no_grad():
         M.levels[0].U.copy_(A.U)
         M.levels[0].V.copy_(A.V)
@@ -605,7 +605,7 @@ def test_mlr_is_a_multilevel(heads):
         12,
         8,
         [
-            sm.BlockLevel(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=r), blocks=b)
+            sm.LevelRecipe(tensor_network_family("y[o] = U[o,r] V[r,i] x[i]", r=r), blocks=b)
             for r, b in [(2, 1), (1, 2), (1, 4)]
         ],
         heads=heads,
@@ -617,7 +617,7 @@ def test_mlr_is_a_multilevel(heads):
     N = sm.MultiLevel(
         12,
         8,
-        [sm.BlockLevel(sm.LowRank, blocks=b, rank=r) for r, b in [(2, 1), (1, 2), (1, 4)]],
+        [sm.LevelRecipe(sm.LowRank, blocks=b, rank=r) for r, b in [(2, 1), (1, 2), (1, 4)]],
         heads=heads,
         dtype=F64,
     )
@@ -767,38 +767,38 @@ ERRORS = [
         r"levels\[1\] is Dense\(8, 12\); every level must have shape \(12, 8\)",
     ),
     (
-        lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.Dense, blocks=2), sm.BlockLevel(sm.Dense, blocks=3)]),
+        lambda: sm.MultiLevel(12, 8, [sm.LevelRecipe(sm.Dense, blocks=2), sm.LevelRecipe(sm.Dense, blocks=3)]),
         ValueError,
         r"blocks\[1\]=3 must divide m=12 and n=8",
     ),
     (
-        lambda: sm.MultiLevel(12, 12, [sm.BlockLevel(sm.Dense, blocks=2), sm.BlockLevel(sm.Dense, blocks=3)]),
+        lambda: sm.MultiLevel(12, 12, [sm.LevelRecipe(sm.Dense, blocks=2), sm.LevelRecipe(sm.Dense, blocks=3)]),
         ValueError,
         r"levels are not nested: block 1 of level 1",
     ),
     (
-        lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.Dense), sm.BlockLevel(sm.LowRank, blocks=2, rank=9)]),
+        lambda: sm.MultiLevel(12, 8, [sm.LevelRecipe(sm.Dense), sm.LevelRecipe(sm.LowRank, blocks=2, rank=9)]),
         ValueError,
         r"MultiLevel\(12, 8\): level 1: LowRank\(6, 4, rank=9\): rank must be <= min\(m, n\) = 4, got 9",
     ),
     (
-        lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(sm.BTT, blocks=2, ranks=1, in_factors=(3, 3))]),
+        lambda: sm.MultiLevel(12, 8, [sm.LevelRecipe(sm.BTT, blocks=2, ranks=1, in_factors=(3, 3))]),
         ValueError,
         r"MultiLevel\(12, 8\): level 0: .*in_factors=\[3, 3\] multiply to 9, not 4",
     ),
     (
-        lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(_bad_family)]),
+        lambda: sm.MultiLevel(12, 8, [sm.LevelRecipe(_bad_family)]),
         ValueError,
         r"level 0: family returned Dense\(3, 3\), expected shape \(12, 8\)",
     ),
-    (lambda: sm.MultiLevel(12, 8, [sm.BlockLevel(lambda r, c: "dense")]), TypeError, r"level 0: family returned str"),
+    (lambda: sm.MultiLevel(12, 8, [sm.LevelRecipe(lambda r, c: "dense")]), TypeError, r"level 0: family returned str"),
     (
         lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.Dense(12, 8)]),
         ValueError,
         r"the levels must all be stacks of the same number of heads, got Dense\(12, 8, heads=2\), Dense\(12, 8\)",
     ),
     (
-        lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.BlockLevel(sm.Dense)], heads=3),
+        lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8, heads=2), sm.LevelRecipe(sm.Dense)], heads=3),
         ValueError,
         r"levels\[0\] is Dense\(12, 8, heads=2\), but every level must be a stack of heads=3",
     ),
@@ -810,19 +810,19 @@ ERRORS = [
     (
         lambda: sm.MultiLevel(12, 8, [sm.Dense(12, 8), 3]),
         TypeError,
-        r"levels\[1\] must be a BlockLevel or a LinearOperator, got int",
+        r"levels\[1\] must be a LevelRecipe or a LinearOperator, got int",
     ),
     (
         lambda: sm.MultiLevel(12, 8, sm.Dense(12, 8)),
         TypeError,
-        r"levels must be a list of BlockLevel recipes or operators",
+        r"levels must be a list of LevelRecipe recipes or operators",
     ),
     (
         lambda: sm.MultiLevel(4, 4, [sm.Dense(4, 4, dtype=torch.float32), sm.Dense(4, 4, dtype=F64)]),
         TypeError,
         r"operators have different dtypes",
     ),
-    (lambda: sm.BlockLevel(5), TypeError, r"BlockLevel: family must be an operator class or a callable, got int"),
+    (lambda: sm.LevelRecipe(5), TypeError, r"LevelRecipe: family must be an operator class or a callable, got int"),
 ]
 
 
@@ -935,3 +935,18 @@ def test_block_lowrank_init_is_spectral_mup():
 def test_block_lowrank_errors(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_block_level_is_a_deprecated_level_recipe():
+    with pytest.warns(DeprecationWarning, match=r"structmat.BlockLevel is deprecated: use structmat.LevelRecipe"):
+        old = sm.BlockLevel(sm.LowRank, blocks=2, rank=1)
+    new = sm.LevelRecipe(sm.LowRank, blocks=2, rank=1)
+    assert isinstance(old, sm.LevelRecipe) and repr(new) == "LevelRecipe(LowRank, blocks=2, rank=1)"
+    torch.manual_seed(0)
+    a = sm.MultiLevel(12, 8, [old], dtype=torch.float64)
+    torch.manual_seed(0)
+    b = sm.MultiLevel(12, 8, [new], dtype=torch.float64)
+    assert torch.equal(a.dense(), b.dense()) and a.expr() == b.expr()
+    with pytest.raises(TypeError, match=r"BlockLevel: family must be an operator class or a callable, got int"):
+        with pytest.warns(DeprecationWarning):
+            sm.BlockLevel(5)

@@ -1,4 +1,4 @@
-"""Constant-aware planning (structmat._freeze): the frozen execution against the ordinary plan, in float64.
+"""Constant-aware planning (structmat.core.freeze): the frozen execution against the ordinary plan, in float64.
 
 Every network of every zoo operator, stacks of heads (shared and per-head inputs), the hand-derived flops of a
 three-factor chain, the memory limit, cache invalidation, and the gradient rule. Sizes are distinct (3, 5, 7, 12)
@@ -16,8 +16,8 @@ import zoo
 from zoo import ZOO, build
 
 import structmat as sm
-from structmat import _freeze as fz
-from structmat._nodes import NetNode
+from structmat.core import freeze as fz
+from structmat.core.nodes import NetNode
 
 F64 = torch.float64
 NAMES = sorted(ZOO)

@@ -24,7 +24,7 @@ import torch
 import zoo
 
 import structmat as sm
-from structmat._factors import balanced_factors
+from structmat.core.splits import balanced_factors
 from structmat.init import spectral_std
 
 WIDTHS = [64, 128, 256, 512, 1024, 2048, 4096]

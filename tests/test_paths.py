@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from reference import reference_dense
 
 import structmat as sm
-from structmat import _paths
+from structmat.core import paths as _paths
 
 F64 = torch.float64
 

@@ -23,8 +23,8 @@ import torch
 import zoo
 
 import structmat as sm
-from structmat._network import Factor, Network
-from structmat._nodes import NetNode
+from structmat.core.network import Factor, Network
+from structmat.core.nodes import NetNode
 
 F64 = torch.float64
 
@@ -241,8 +241,8 @@ START_CASES = {
         24,
         24,
         [
-            sm.BlockLevel(sm.LowRank, rank=2),
-            sm.BlockLevel(sm.BTT, blocks=2, ranks=1, in_factors=(3, 4), out_factors=(3, 4)),
+            sm.LevelRecipe(sm.LowRank, rank=2),
+            sm.LevelRecipe(sm.BTT, blocks=2, ranks=1, in_factors=(3, 4), out_factors=(3, 4)),
         ],
         dtype=F64,
     ),

@@ -15,7 +15,7 @@ from zoo import ZOO
 from zoo import build as build_zoo
 
 import structmat as sm
-from structmat import _nodes
+from structmat.core import nodes as _nodes
 
 F64 = torch.float64
 BIG = 10**6

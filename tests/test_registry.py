@@ -20,11 +20,11 @@ import zoo
 from reference import reference_dense
 
 import structmat as sm
-from structmat import _family
-from structmat._family import FAMILIES as EXPRESSION_CLASSES
-from structmat._family import PROJECTIONS
-from structmat._network import Factor, Network
-from structmat._nodes import NetNode, Node
+from structmat.core import family as _family
+from structmat.core.family import FAMILIES as EXPRESSION_CLASSES
+from structmat.core.family import PROJECTIONS
+from structmat.core.network import Factor, Network
+from structmat.core.nodes import NetNode, Node
 from structmat.expr import REGISTRY, SYNTAX, parse, to_expr
 
 F64 = torch.float64

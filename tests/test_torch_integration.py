@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.nn.utils import parametrize, prune
 
 import structmat as sm
-from structmat import _nodes
+from structmat.core import nodes as _nodes
 
 F64 = torch.float64
 

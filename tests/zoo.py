@@ -259,9 +259,9 @@ _FAMILIES = [
                 12,
                 8,
                 [
-                    sm.BlockLevel(sm.LowRank, rank=2),
-                    sm.BlockLevel(sm.BTT, blocks=2, ranks=1),
-                    sm.BlockLevel(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)]),
+                    sm.LevelRecipe(sm.LowRank, rank=2),
+                    sm.LevelRecipe(sm.BTT, blocks=2, ranks=1),
+                    sm.LevelRecipe(sm.Dense, blocks=[(2, 1), (4, 3), (3, 2), (3, 2)]),
                 ],
                 dtype=F64,
             ),
@@ -280,7 +280,7 @@ _FAMILIES = [
             "multilevel": lambda heads: sm.MultiLevel(
                 12,
                 8,
-                [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.Monarch, blocks=2, nblocks=2)],
+                [sm.LevelRecipe(sm.LowRank, rank=2), sm.LevelRecipe(sm.Monarch, blocks=2, nblocks=2)],
                 heads=heads,
                 dtype=F64,
             )

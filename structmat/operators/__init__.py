@@ -8,7 +8,7 @@ from .identity import Identity
 from .lowrank import LowRank
 from .mlr import MLR, MultiLevelLowRank
 from .monarch import Monarch
-from .multilevel import BlockLevel, MultiLevel
+from .multilevel import BlockLevel, LevelRecipe, MultiLevel
 from .permutation import Permutation
 from .tensor_network import TensorNetwork
 from .tt import TT, TensorTrain
@@ -30,4 +30,5 @@ __all__ = [
     "MLR",
     "MultiLevel",
     "BlockLevel",
+    "LevelRecipe",
 ]

@@ -4,7 +4,7 @@ With ``s = m / p`` rows and ``t = n / q`` columns per block, the rows split row-
 ``(Q, b)``, block ``(P, Q)`` is ``W[(P, :), (Q, :)] = U[P, Q] V[P, Q]``: an ``(s, r) @ (r, t)`` product. Every block
 is independent, so the nearest member to a matrix is each block's truncated SVD.
 
-This file is the whole family: the network (:func:`~structmat._family.define_network`), the expression
+This file is the whole family: the network (:func:`~structmat.core.family.define_network`), the expression
 (``expr_name``, ``_expr_args``) and the projection (``projection``, ``_project``). Defining the class registers it.
 """
 
@@ -14,10 +14,10 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._base import LinearOperator
-from .._family import check_heads, define_network, truncated_svd
-from .._nodes import NetNode, Node
 from ..checks import check_int
+from ..core.base import LinearOperator
+from ..core.family import check_heads, define_network, truncated_svd
+from ..core.nodes import NetNode, Node
 
 __all__ = ["BlockLowRank"]
 

@@ -15,11 +15,11 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._base import LinearOperator
-from .._factors import Spec, check_train, default_splits, spec_rank_bound, warn_default_rank
-from .._family import check_heads, define_network, train_expr_args, truncated_svd
-from .._network import Network
-from .._nodes import NetNode, Node
+from ..core.base import LinearOperator
+from ..core.family import check_heads, define_network, train_expr_args, truncated_svd
+from ..core.network import Network
+from ..core.nodes import NetNode, Node
+from ..core.splits import Spec, check_train, default_splits, spec_rank_bound, warn_default_rank
 
 __all__ = ["BlockTensorTrain", "BTT", "btt_network", "btt_spec"]
 

@@ -6,10 +6,10 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._base import LinearOperator
-from .._family import check_heads, define_network
-from .._init import check_float_dtype
-from .._nodes import NetNode, Node
+from ..core.base import LinearOperator
+from ..core.family import check_heads, define_network
+from ..core.nodes import NetNode, Node
+from ..core.params import check_float_dtype
 
 __all__ = ["Dense"]
 

@@ -6,10 +6,10 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._base import LinearOperator
-from .._init import check_float_dtype
-from .._network import Factor, Network
-from .._nodes import NetNode, Node
+from ..core.base import LinearOperator
+from ..core.network import Factor, Network
+from ..core.nodes import NetNode, Node
+from ..core.params import check_float_dtype
 
 __all__ = ["Diagonal"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, final
 
-from .._base import LinearOperator
-from .._network import Network
-from .._nodes import NetNode, Node
+from ..core.base import LinearOperator
+from ..core.network import Network
+from ..core.nodes import NetNode, Node
 
 __all__ = ["Identity"]
 

@@ -6,10 +6,10 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._base import LinearOperator
-from .._family import check_heads, define_network, truncated_svd
-from .._nodes import NetNode, Node
 from ..checks import check_int
+from ..core.base import LinearOperator
+from ..core.family import check_heads, define_network, truncated_svd
+from ..core.nodes import NetNode, Node
 
 __all__ = ["LowRank"]
 

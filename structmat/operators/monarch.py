@@ -24,10 +24,10 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._base import LinearOperator
-from .._family import check_heads, define_network, truncated_svd
-from .._nodes import NetNode, Node, compose
 from ..checks import check_int
+from ..core.base import LinearOperator
+from ..core.family import check_heads, define_network, truncated_svd
+from ..core.nodes import NetNode, Node, compose
 
 __all__ = ["Monarch"]
 

@@ -16,26 +16,26 @@ operator lowers to a sum of one network per level.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, final
 
 import torch
 
-from .. import _nodes
-from .._base import LinearOperator, check_compatible
-from .._family import check_heads
-from .._nodes import Node
 from ..checks import check_int
 from ..combinators import BlockDiagonal
+from ..core import nodes as _nodes
+from ..core.base import LinearOperator, check_compatible
+from ..core.family import check_heads
+from ..core.nodes import Node
 
-__all__ = ["BlockLevel", "MultiLevel"]
+__all__ = ["LevelRecipe", "BlockLevel", "MultiLevel"]
 
 Partition = tuple[tuple[int, int], ...]  # (rows, cols) of each diagonal block, in order
 Family = Callable[..., LinearOperator]
 
 
-@final
-class BlockLevel:
+class LevelRecipe:
     """The recipe of one level of a :class:`MultiLevel`: ``blocks`` diagonal blocks, each ``family(rows, cols, ...)``.
 
     Args:
@@ -45,27 +45,28 @@ class BlockLevel:
         blocks: the number of equal contiguous diagonal blocks (it must divide ``m`` and ``n``), or the explicit
             ``(rows, cols)`` of each block, summing to ``(m, n)``.
         **options: passed to ``family`` for every block (``rank=4``, ``ranks=2``, ``nblocks=4`` …); an option that
-            shares a name with ``BlockLevel``'s own arguments (``blocks`` of an ``MLR`` block) needs a ``lambda``
+            shares a name with ``LevelRecipe``'s own arguments (``blocks`` of an ``MLR`` block) needs a ``lambda``
             family.
 
     Example:
         >>> import structmat as sm
-        >>> sm.BlockLevel(sm.LowRank, blocks=4, rank=2)
-        BlockLevel(LowRank, blocks=4, rank=2)
+        >>> sm.LevelRecipe(sm.LowRank, blocks=4, rank=2)
+        LevelRecipe(LowRank, blocks=4, rank=2)
     """
 
     __slots__ = ("family", "blocks", "options")
 
     def __init__(self, family: Family, blocks: int | Sequence[Sequence[int]] = 1, **options: Any) -> None:
+        kind = type(self).__name__
         if isinstance(family, torch.nn.Module):  # callable, but applying it is not building a block
             what = family.name if isinstance(family, LinearOperator) else type(family).__name__
             raise TypeError(
-                f"BlockLevel: family must be an operator class or a factory called as family(rows, cols, ...) for "
-                f"every block, got the built operator {what}; pass its class (e.g. BlockLevel({type(family).__name__}, "
+                f"{kind}: family must be an operator class or a factory called as family(rows, cols, ...) for "
+                f"every block, got the built operator {what}; pass its class (e.g. {kind}({type(family).__name__}, "
                 "...)), or pass a built operator as a level of MultiLevel directly"
             )
         if not callable(family):
-            raise TypeError(f"BlockLevel: family must be an operator class or a callable, got {type(family).__name__}")
+            raise TypeError(f"{kind}: family must be an operator class or a callable, got {type(family).__name__}")
         self.family = family
         self.blocks = blocks
         self.options: Mapping[str, Any] = dict(options)
@@ -73,7 +74,32 @@ class BlockLevel:
     def __repr__(self) -> str:
         name = getattr(self.family, "__name__", repr(self.family))
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return f"BlockLevel({name}, blocks={self.blocks!r}{opts})"
+        return f"{type(self).__name__}({name}, blocks={self.blocks!r}{opts})"
+
+
+@final
+class BlockLevel(LevelRecipe):
+    """Deprecated name of :class:`LevelRecipe` (the recipe of one level of a :class:`MultiLevel`); it warns.
+
+    Example:
+        >>> import warnings, structmat as sm
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     level = sm.BlockLevel(sm.LowRank, rank=2)
+        >>> isinstance(level, sm.LevelRecipe), caught[0].category.__name__
+        (True, 'DeprecationWarning')
+    """
+
+    __slots__ = ()
+
+    def __init__(self, family: Family, blocks: int | Sequence[Sequence[int]] = 1, **options: Any) -> None:
+        warnings.warn(
+            "structmat.BlockLevel is deprecated: use structmat.LevelRecipe (the same recipe of one level of a "
+            "MultiLevel)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(family, blocks, **options)
 
 
 # -- block layouts shared with MultiLevelLowRank ----------------------------------------------------------------------
@@ -201,7 +227,7 @@ def _layout(op: LinearOperator) -> Partition:
 class MultiLevel(LinearOperator):
     """A sum over levels of block-diagonal matrices of structured blocks: ``A = Σ_l diag(B_{l,1}, ..., B_{l,k_l})``.
 
-    Each level is a :class:`BlockLevel` recipe (its blocks are built here, with this operator's ``heads``, ``dtype`` and
+    Each level is a :class:`LevelRecipe` (its blocks are built here, with this operator's ``heads``, ``dtype`` and
     ``device``) or an already built operator of shape ``(m, n)``, used as it is (its parameters are shared): a
     ``BlockDiagonal`` contributes its blocks, any other operator is one block. Levels go from coarse to fine: each
     block of level ``l + 1`` must lie inside one block of level ``l``.
@@ -212,7 +238,7 @@ class MultiLevel(LinearOperator):
     Args:
         m: rows.
         n: columns.
-        levels: the levels, coarse to fine, each a :class:`BlockLevel` or a ``LinearOperator`` of shape ``(m, n)``.
+        levels: the levels, coarse to fine, each a :class:`LevelRecipe` or a ``LinearOperator`` of shape ``(m, n)``.
         heads: a stack of this many independent operators (every level a stack of H), or None; by default the
             built levels' own.
         dtype: parameter dtype of the levels built here.
@@ -224,7 +250,7 @@ class MultiLevel(LinearOperator):
 
     Example:
         >>> import torch, structmat as sm
-        >>> A = sm.MultiLevel(64, 64, [sm.BlockLevel(sm.LowRank, rank=4), sm.BlockLevel(sm.BTT, blocks=4, ranks=1)])
+        >>> A = sm.MultiLevel(64, 64, [sm.LevelRecipe(sm.LowRank, rank=4), sm.LevelRecipe(sm.BTT, blocks=4, ranks=1)])
         >>> A.name, A.blocks[1]
         ('MultiLevel(64, 64, blocks=[1, 4])', ((16, 16), (16, 16), (16, 16), (16, 16)))
         >>> A.num_params, A.rank()  # 4 * (64 + 64) + 4 * (2 * 4**3)
@@ -238,7 +264,7 @@ class MultiLevel(LinearOperator):
         self,
         m: int,
         n: int,
-        levels: Sequence[BlockLevel | LinearOperator],
+        levels: Sequence[LevelRecipe | LinearOperator],
         *,
         heads: int | None = None,
         dtype: torch.dtype | None = None,
@@ -248,17 +274,17 @@ class MultiLevel(LinearOperator):
         m = check_int(where, "m", m)
         n = check_int(where, "n", n)
         heads = check_heads(where, heads)
-        if isinstance(levels, (str, bytes, BlockLevel, LinearOperator)) or not isinstance(levels, Sequence):
+        if isinstance(levels, (str, bytes, LevelRecipe, LinearOperator)) or not isinstance(levels, Sequence):
             raise TypeError(
-                f"{where}: levels must be a list of BlockLevel recipes or operators, got {type(levels).__name__}"
+                f"{where}: levels must be a list of LevelRecipe recipes or operators, got {type(levels).__name__}"
             )
         if not levels:
             raise ValueError(f"{where}: needs at least one level, got none")
         built = [lv for lv in levels if isinstance(lv, LinearOperator)]
         for k, lv in enumerate(levels):
-            if not isinstance(lv, (BlockLevel, LinearOperator)):
+            if not isinstance(lv, (LevelRecipe, LinearOperator)):
                 raise TypeError(
-                    f"{where}: levels[{k}] must be a BlockLevel or a LinearOperator, got {type(lv).__name__}"
+                    f"{where}: levels[{k}] must be a LevelRecipe or a LinearOperator, got {type(lv).__name__}"
                 )
             if isinstance(lv, LinearOperator) and lv.shape != (m, n):
                 raise ValueError(f"{where}: levels[{k}] is {lv.name}; every level must have shape ({m}, {n})")
@@ -277,7 +303,7 @@ class MultiLevel(LinearOperator):
         parts: list[Partition] = []
         ops: list[LinearOperator] = []
         for k, lv in enumerate(levels):
-            if isinstance(lv, BlockLevel):
+            if isinstance(lv, LevelRecipe):
                 part = _partition(where, k, m, n, lv.blocks)
                 parts.append(part)
                 ops.append(_build_level(where, k, lv.family, part, lv.options, heads=heads, dtype=dtype, device=device))

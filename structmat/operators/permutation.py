@@ -10,9 +10,9 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._base import LinearOperator
-from .._network import Network
-from .._nodes import GatherNode, NetNode, Node
+from ..core.base import LinearOperator
+from ..core.network import Network
+from ..core.nodes import GatherNode, NetNode, Node
 
 __all__ = ["Permutation"]
 

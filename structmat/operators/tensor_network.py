@@ -9,10 +9,10 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._base import LinearOperator
-from .._family import check_heads, define_network
-from .._nodes import NetNode, Node
 from ..checks import check_int
+from ..core.base import LinearOperator
+from ..core.family import check_heads, define_network
+from ..core.nodes import NetNode, Node
 
 __all__ = ["TensorNetwork"]
 

@@ -7,10 +7,10 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._base import LinearOperator
-from .._factors import Spec, check_train, default_splits, spec_rank_bound, warn_default_rank
-from .._family import check_heads, define_network, train_expr_args
-from .._nodes import NetNode, Node
+from ..core.base import LinearOperator
+from ..core.family import check_heads, define_network, train_expr_args
+from ..core.nodes import NetNode, Node
+from ..core.splits import Spec, check_train, default_splits, spec_rank_bound, warn_default_rank
 
 __all__ = ["TensorTrain", "TT", "tt_spec"]
 

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize, prune
 
-from . import _family, _freeze
-from ._cost import Cost, Rank
-from ._nodes import Node
-from .checks import check_int
+from ..checks import check_int
+from . import family as _family
+from . import freeze as _freeze
+from .cost import Cost, Rank
+from .nodes import Node
 
 __all__ = ["LinearOperator"]
 
@@ -136,7 +137,7 @@ class LinearOperator(torch.nn.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Lower every operator as soon as its constructor returns (structure is fixed from then on), so that
         applying it, traced by torch.compile or not, only reads the cached node; and register the class's expression
-        name and projection rule (:func:`structmat._family.register`)."""
+        name and projection rule (:func:`structmat.core.family.register`)."""
         super().__init_subclass__(**kwargs)
         _family.register(cls)
         init = cls.__dict__.get("__init__")
@@ -331,7 +332,7 @@ class LinearOperator(torch.nn.Module):
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
-            from .combinators import Product
+            from ..combinators import Product
 
             return Product(*_factors(self), other)  # a @ b @ c is one flat Product
         if isinstance(other, torch.Tensor):
@@ -359,11 +360,11 @@ class LinearOperator(torch.nn.Module):
     # -- algebra -----------------------------------------------------------------------------------------------------
     def __add__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
-            from .combinators import Sum
+            from ..combinators import Sum
 
             return Sum(*_terms(self), other)  # a + b + c is one flat Sum: long chains nest no modules
         if isinstance(other, torch.Tensor):
-            from .combinators import tensor_operand_error
+            from ..combinators import tensor_operand_error
 
             raise tensor_operand_error(f"{self.name} + ", other, "")
         return NotImplemented
@@ -372,31 +373,31 @@ class LinearOperator(torch.nn.Module):
         if isinstance(other, numbers.Number) and other == 0:  # so that sum([A, B]) works
             return self
         if isinstance(other, torch.Tensor):
-            from .combinators import tensor_operand_error
+            from ..combinators import tensor_operand_error
 
             raise tensor_operand_error("", other, f" + {self.name}")
         return NotImplemented
 
     def __sub__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
-            from .combinators import Scaled, Sum
+            from ..combinators import Scaled, Sum
 
             return Sum(*_terms(self), Scaled(other, -1.0))
         if isinstance(other, torch.Tensor):
-            from .combinators import tensor_operand_error
+            from ..combinators import tensor_operand_error
 
             raise tensor_operand_error(f"{self.name} - ", other, "")
         return NotImplemented
 
     def __rsub__(self, other: Any) -> Any:
         if isinstance(other, torch.Tensor):
-            from .combinators import tensor_operand_error
+            from ..combinators import tensor_operand_error
 
             raise tensor_operand_error("", other, f" - {self.name}")
         return NotImplemented
 
     def __mul__(self, c: Any) -> Any:
-        from .combinators import Scaled
+        from ..combinators import Scaled
 
         if isinstance(c, numbers.Real) and not isinstance(c, bool):
             if type(self) is Scaled:  # c * (s * A) is (c s) * A: repeated scaling nests no modules
@@ -424,7 +425,7 @@ class LinearOperator(torch.nn.Module):
     @property
     def T(self) -> LinearOperator:  # noqa: N802 - the matrix convention
         """The transpose; it shares this operator's parameters."""
-        from .combinators import Transpose
+        from ..combinators import Transpose
 
         return Transpose(self)
 
@@ -469,7 +470,7 @@ class LinearOperator(torch.nn.Module):
             raise TypeError(f"{self.name}.cost: measure must be a bool, got {type(measure).__name__}")
         cost = dataclasses.replace(self._node.cost(batch), heads=self._heads)
         if measure:
-            from ._bench import measure_cost  # here: _bench imports this module
+            from ..benchmark import measure_cost  # here: _bench imports this module
 
             return measure_cost(self, batch, cost)
         return cost
@@ -482,7 +483,7 @@ class LinearOperator(torch.nn.Module):
             >>> (2.0 * sm.LowRank(8, 6, rank=2) @ sm.Dense(4, 6).T).expr()
             '(2.0 * lowrank(8, 6, rank=2)) @ dense(4, 6).T'
         """
-        from .expr import to_expr
+        from ..expr import to_expr
 
         return to_expr(self)
 
@@ -509,14 +510,14 @@ class LinearOperator(torch.nn.Module):
 
 def _terms(op: LinearOperator) -> tuple[LinearOperator, ...]:
     """The terms of a Sum built by ``+`` (flattened), or the operator alone."""
-    from .combinators import Sum
+    from ..combinators import Sum
 
     return tuple(op.terms) if type(op) is Sum else (op,)
 
 
 def _factors(op: LinearOperator) -> tuple[LinearOperator, ...]:
     """The factors of a Product built by ``@`` (flattened), or the operator alone."""
-    from .combinators import Product
+    from ..combinators import Product
 
     return tuple(op.factors) if type(op) is Product else (op,)
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ._base import LinearOperator
-from ._cost import Cost, Timing
 from .checks import check_int
+from .core.base import LinearOperator
+from .core.cost import Cost, Timing
 
 __all__ = ["bench", "BenchResult", "measure_cost", "DENSE_LIMIT_BYTES"]
 
@@ -335,7 +335,7 @@ def measure_cost(op: LinearOperator, batch: int, cost: Cost, **kwargs: Any) -> C
 
     Example:
         >>> import structmat as sm
-        >>> from structmat._bench import measure_cost
+        >>> from structmat.benchmark import measure_cost
         >>> op = sm.LowRank(128, 128, rank=8)
         >>> c = measure_cost(op, 16, op.cost(16), min_run_time=0.01, rounds=1)
         >>> c.flops == op.cost(16).flops, c.timing.dtype, c.timing.seconds > 0

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from ._init import check_float_dtype, spectral_std
-from ._network import Factor, Network
-from .checks import check_int
+from ..checks import check_int
+from .network import Factor, Network
+from .params import check_float_dtype, spectral_std
 
 __all__ = [
     "define_network",

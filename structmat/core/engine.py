@@ -1,6 +1,7 @@
 """The execution engine of a single tensor network: its planned pairwise path as a short list of GEMMs on views.
 
-A :class:`~structmat._nodes.NetNode` plans one contraction path per batch size (:func:`structmat._paths.best_path`).
+A :class:`~structmat.core.nodes.NetNode` plans one contraction path per batch size
+(:func:`structmat.core.paths.best_path`).
 ``torch.einsum`` runs such a path step by step too, but it keeps every intermediate in the order its labels come
 out of the previous step, which often leaves the batch label innermost: the next batched GEMM then has no unit
 stride, and ATen copies every slice of the activations before multiplying. This module compiles the same path, once

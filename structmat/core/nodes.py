@@ -24,11 +24,11 @@ import opt_einsum as oe
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from . import _freeze
-from ._cost import Contraction, Cost, Rank
-from ._exec import Program, compile_program
-from ._network import MAX_LABELS, Network, fuse, kron_networks
-from ._paths import best_path
+from . import freeze as _freeze
+from .cost import Contraction, Cost, Rank
+from .engine import Program, compile_program
+from .network import MAX_LABELS, Network, fuse, kron_networks
+from .paths import best_path
 
 __all__ = [
     "Node",
@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 _PLAN_CACHE_SIZE = 64
-USE_ENGINE = True  # run networks by the compiled GEMM programs of :mod:`structmat._exec` (False: the einsum reference)
+#: Run networks by the compiled GEMM programs of :mod:`structmat.core.engine` (False: the einsum reference).
+USE_ENGINE = True
 #: Below this many flops (at the planned batch) a program of several steps leaves the work to the einsum: its Python
 #: steps cost ~5-10 µs each, more than the copies they save on such small tensors (measured on 2 cores: a low-rank
 #: 64/8/64 at batch 8, 16 kflop, 24 µs against 19 µs for the einsum, 107 against 90 with its backward; BTT(256, 256)

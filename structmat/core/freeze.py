@@ -1,6 +1,6 @@
 """Constant-aware planning: contract the weight-only parts of a network once, when that makes each call cheaper.
 
-An ordinary plan (:class:`~structmat._nodes.NetNode`) contracts every factor with every call, as if the weights
+An ordinary plan (:class:`~structmat.core.nodes.NetNode`) contracts every factor with every call, as if the weights
 changed between calls (in training they do). At inference they do not: a contraction among factors only can be done
 once and kept. ``Dense(64, 16) @ Dense(16, 16) @ Dense(16, 64)`` costs ``2 * (64*16 + 16*16 + 16*64)`` flops per
 row as planned, and ``2 * (64*16 + 16*64)`` with the two right factors contracted once into one ``16 x 64`` piece.
@@ -35,7 +35,7 @@ where the ordinary plan's factor-only steps are a vanishing part of its work, no
 
 **The frozen execution** (:func:`frozen_apply`, :func:`try_frozen`): the pieces are computed once under
 ``torch.no_grad()`` (outside inference mode, so they can serve autograd through ``x`` later) and held by the node;
-``x`` is then contracted with them by an ordinary :class:`~structmat._nodes.NetNode` over the pieces (the
+``x`` is then contracted with them by an ordinary :class:`~structmat.core.nodes.NetNode` over the pieces (the
 *reduced* network: same input and output modes, the pieces as its factors, scale 1), which plans its own path (the
 same tree: the pieces left nothing cheaper to do) and runs like any network. The pieces are recomputed when any
 tensor they come from changes: the cache is keyed by each source tensor's identity, ``_version`` (bumped by every
@@ -76,9 +76,8 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize, prune
 
-from . import _nodes
-from ._cost import Cost
-from ._network import Factor, Network
+from .cost import Cost
+from .network import Factor, Network
 
 __all__ = [
     "EXACT_OPERANDS",
@@ -294,6 +293,8 @@ def _search(network: Network, per_head: bool, limit: int) -> _Search | None:
 
 
 def _node_of(node_or_network: Any) -> Any:
+    from . import nodes as _nodes  # here: nodes imports this module
+
     if isinstance(node_or_network, Network):
         return _nodes.NetNode(node_or_network)
     if not isinstance(node_or_network, _nodes.NetNode):
@@ -317,7 +318,7 @@ def constant_aware_path(node: Any, batch: int, per_head: bool = False, limit: in
     """The contraction tree of least per-call cost when contractions among factors only are free (done once).
 
     Args:
-        node: a :class:`~structmat._nodes.NetNode` (or a :class:`~structmat._network.Network`, planned as a
+        node: a :class:`~structmat.core.nodes.NetNode` (or a :class:`~structmat.core.network.Network`, planned as a
             fresh node) whose plan gives the ordinary cost.
         batch: rows of the input.
         per_head: the input is ``(batch, H, n)`` (a stack only).
@@ -457,6 +458,8 @@ class _State:
         return chosen
 
     def reduced_for(self, found: _Search, per_head: bool) -> _Reduced:
+        from . import nodes as _nodes  # here: nodes imports this module
+
         rkey = (per_head, found.pieces)
         red = self.reduced.get(rkey)
         if red is None:
@@ -570,6 +573,8 @@ def try_frozen(node: Any, x: torch.Tensor) -> torch.Tensor | None:
 
 def _net_nodes(node: Any) -> Iterator[Any]:
     """Every NetNode of a node tree (children of sums, chains and Kronecker products)."""
+    from . import nodes as _nodes  # here: nodes imports this module
+
     stack = [node]
     seen: set[int] = set()
     while stack:
@@ -589,6 +594,8 @@ def frozen_apply(node: Any, x: torch.Tensor) -> torch.Tensor:
     networks are marked frozen for the call (they run frozen when ``NetNode.apply`` is wired to
     :func:`try_frozen`; before that, the ordinary plan runs).
     """
+    from . import nodes as _nodes  # here: nodes imports this module
+
     if isinstance(node, _nodes.NetNode):
         y = try_frozen(node, x)
         return node.apply(x) if y is None else y
@@ -609,6 +616,8 @@ def frozen_cost(node: Any, batch: int, h: int = 0) -> Cost:
     plan's. For a sum, chain or Kronecker node: its networks are marked for the query (they report their frozen
     cost when ``NetNode.cost`` is wired to this function; before that, the ordinary cost).
     """
+    from . import nodes as _nodes  # here: nodes imports this module
+
     if isinstance(node, _nodes.NetNode):
         state = node.__dict__.get("_freeze")
         if state is _Never:
