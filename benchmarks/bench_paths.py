@@ -35,7 +35,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 import structmat as sm
-from structmat import _paths
+from structmat.core import paths as _paths
 
 OPT_LIMIT_S = 10  # give opt_einsum's exact searches this long per case
 

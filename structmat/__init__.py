@@ -13,7 +13,6 @@ from . import init
 from .benchmark import BenchResult, bench
 from .bilinear import bilinear_split
 from .combinators import BlockDiagonal, Kronecker, Product, Scaled, Sum, Transpose, block_diag, kron
-from .core import paths as _paths  # noqa: F401  deprecated: the old path of structmat.core.paths (benchmarks/bench_paths.py)
 from .core.base import LinearOperator
 from .core.cost import Contraction, Cost, Rank, Timing
 from .expr import parse, to_expr

@@ -154,7 +154,7 @@ def _mlr() -> plt.Figure:
 
 
 def _multilevel() -> plt.Figure:
-    A = sm.MultiLevel(16, 16, [sm.BlockLevel(sm.LowRank, rank=2), sm.BlockLevel(sm.BTT, blocks=2, ranks=1)])
+    A = sm.MultiLevel(16, 16, [sm.LevelRecipe(sm.LowRank, rank=2), sm.LevelRecipe(sm.BTT, blocks=2, ranks=1)])
     fig, axes = _figure(3, 2.6)
     _show(axes[0], A.dense(), "MultiLevel: low rank + 2 BTT blocks")
     _show(axes[1], A.levels[0].dense(), "level 0: LowRank(16, 16, rank=2)")
