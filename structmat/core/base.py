@@ -487,6 +487,13 @@ class LinearOperator(torch.nn.Module):
 
         return to_expr(self)
 
+    def to_scipy(self) -> Any:
+        """This operator as a ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out; ``rmatvec`` applies
+        :attr:`T`): see :func:`structmat.interop.to_scipy`."""
+        from ..interop import to_scipy
+
+        return to_scipy(self)
+
     # -- printing ----------------------------------------------------------------------------------------------------
     def _summary(self) -> str:
         r = self.rank()
