@@ -9,7 +9,7 @@ Example:
     (64, 2176)
 """
 
-from . import init, nn
+from . import init, linalg, nn
 from .benchmark import BenchResult, bench
 from .bilinear import bilinear_split
 from .combinators import BlockDiagonal, Kronecker, Product, Scaled, Sum, Transpose, block_diag, kron
@@ -79,6 +79,7 @@ __all__ = [
     "to_expr",
     "project",
     "init",
+    "linalg",
     "nn",
     "mup_param_groups",
     "bilinear_split",
