@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import string
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -227,6 +228,7 @@ def replace_linear(
     exclude: Selector = None,
     init: Literal["project", "mup"] = "project",
     batch: int = 1,
+    rank_budget: int | None = None,
 ) -> ReplaceReport:
     """Replace the matching ``nn.Linear`` layers of ``model``, in place, by structmat operators plus their biases.
 
@@ -255,6 +257,9 @@ def replace_linear(
         exclude: the same forms; a layer matching ``exclude`` is skipped even when ``include`` matches it.
         init: ``"project"`` (start from the trained weight) or ``"mup"`` (the operator's own initialization).
         batch: the number of input vectors the report's FLOPs are counted at (e.g. batch times sequence length).
+        rank_budget: a rank for every layer, capped at the layer's ``min(m, n)``: a template writes it ``{r}``
+            (``"lowrank({m}, {n}, rank={r})"``) and a factory receives it as a third argument ``(m, n, r)``.
+            Given, the template must use ``{r}``; a template using ``{r}`` needs it (never silently ignored).
 
     Returns:
         A :class:`ReplaceReport`: per layer the old and new parameters and FLOPs and the projection error, totals, and
@@ -264,7 +269,8 @@ def replace_linear(
         TypeError: ``model`` is not an ``nn.Module`` or is an ``nn.Linear``; ``like`` is neither a string nor a
             callable (an operator instance is refused: each layer needs its own); a factory returns something that is
             not a ``LinearOperator``; a selector has the wrong type or a predicate does not return a bool.
-        ValueError: a template names a field other than ``{m}``/``{n}``, or its text does not parse or build; an
+        ValueError: a template names a field other than ``{m}``/``{n}``/``{r}``, uses ``{r}`` without
+            ``rank_budget`` or ``rank_budget`` without ``{r}``, or its text does not parse or build; an
             operator has the wrong shape or heads; ``init`` or ``batch`` is out of range; a matching layer is lazy
             (uninitialized); or no layer matches. No match is an error, not a warning: an empty replacement is almost
             always a pattern typo, and the message lists the layers there are. Nothing is replaced when an error is
@@ -292,7 +298,8 @@ def replace_linear(
             f"{_WHERE}: model is itself an nn.Linear ({model.out_features}x{model.in_features}); layers are replaced "
             f"inside a model: wrap it, e.g. torch.nn.Sequential(layer)"
         )
-    build = _builder(like)
+    rank_budget = check_int(_WHERE, "rank_budget", rank_budget, optional=True)
+    build = _builder(like, rank_budget)
     _check_selector("include", include)
     _check_selector("exclude", exclude)
     if init not in ("project", "mup"):
@@ -371,8 +378,11 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _builder(like: object) -> Callable[[str, int, int, torch.dtype, torch.device], LinearOperator]:
-    """``(name, m, n, dtype, device) -> operator`` from ``like``, checking what it returns."""
+def _builder(
+    like: object, budget: int | None = None
+) -> Callable[[str, int, int, torch.dtype, torch.device], LinearOperator]:
+    """``(name, m, n, dtype, device) -> operator`` from ``like`` (with the rank ``min(budget, m, n)`` when a budget is
+    given), checking what it returns."""
     if isinstance(like, LinearOperator):
         raise TypeError(
             f"{_WHERE}: like must be a factory (m, n) -> LinearOperator or a template string, got the operator "
@@ -381,10 +391,18 @@ def _builder(like: object) -> Callable[[str, int, int, torch.dtype, torch.device
         )
     if isinstance(like, str):
         template = like
-        _format(template, 1, 1)  # unknown fields and bad braces fail before anything is built
+        _format(template, 1, 1, 1)  # unknown fields and bad braces fail before anything is built
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        if budget is not None and "r" not in fields:
+            raise ValueError(
+                f"{_WHERE}: rank_budget={budget} is given but the template {template!r} has no {{r}} to put it in "
+                f"(e.g. 'lowrank({{m}}, {{n}}, rank={{r}})')"
+            )
+        if budget is None and "r" in fields:
+            raise ValueError(f"{_WHERE}: the template {template!r} uses {{r}}: give rank_budget=")
 
         def from_template(name: str, m: int, n: int, dtype: torch.dtype, device: torch.device) -> LinearOperator:
-            text = _format(template, m, n)
+            text = _format(template, m, n, None if budget is None else min(budget, m, n))
             try:
                 op = parse(text, dtype=dtype, device=device)
             except ValueError as e:
@@ -400,7 +418,8 @@ def _builder(like: object) -> Callable[[str, int, int, torch.dtype, torch.device
 
         def from_factory(name: str, m: int, n: int, dtype: torch.dtype, device: torch.device) -> LinearOperator:
             what = f"the factory {getattr(factory, '__name__', type(factory).__name__)}"
-            op = _check_op(what, factory(m, n), name, m, n)
+            made = factory(m, n) if budget is None else factory(m, n, min(budget, m, n))
+            op = _check_op(what, made, name, m, n)
             return op.to(dtype=dtype, device=device) if op.dtype is not None else op
 
         return from_factory
@@ -410,13 +429,13 @@ def _builder(like: object) -> Callable[[str, int, int, torch.dtype, torch.device
     )
 
 
-def _format(template: str, m: int, n: int) -> str:
+def _format(template: str, m: int, n: int, r: int | None = None) -> str:
     try:
-        return template.format_map({"m": m, "n": n})
+        return template.format_map({"m": m, "n": n} if r is None else {"m": m, "n": n, "r": r})
     except KeyError as e:
         raise ValueError(
-            f"{_WHERE}: the template {template!r} names the field {{{e.args[0]}}}; only {{m}} (out_features) and "
-            f"{{n}} (in_features) are filled in (write a literal brace as {{{{ or }}}})"
+            f"{_WHERE}: the template {template!r} names the field {{{e.args[0]}}}; only {{m}} (out_features), "
+            f"{{n}} (in_features) and, with rank_budget, {{r}} are filled in (write a literal brace as {{{{ or }}}})"
         ) from None
     except (IndexError, ValueError) as e:
         raise ValueError(

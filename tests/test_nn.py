@@ -273,3 +273,25 @@ def test_report_types() -> None:
     report = replace_linear(mlp(), functools.partial(sm.LowRank, rank=2))
     assert isinstance(report, ReplaceReport) and all(isinstance(r, LayerReport) for r in report)
     assert report.batch == 1 and report.init == "project"
+
+
+def test_rank_budget_fills_templates_and_factories():
+    """``rank_budget`` is ``{r}`` in a template and the third argument of a factory, capped at ``min(m, n)``; a
+    budget with no ``{r}`` to put it in, or ``{r}`` without a budget, is an error (never silently ignored)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.GELU(), torch.nn.Linear(20, 7)).double()
+    report = replace_linear(model, "lowrank({m}, {n}, rank={r})", rank_budget=9)
+    assert [r.structure for r in report] == [sm.LowRank(20, 12, rank=9).name, sm.LowRank(7, 20, rank=7).name]
+    assert report.rows[1].error == pytest.approx(0.0, abs=1e-12)  # capped at min(m, n) = 7: exact
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.GELU(), torch.nn.Linear(20, 7))
+    replace_linear(model, lambda m, n, r: seen.append((m, n, r)) or sm.LowRank(m, n, rank=r), rank_budget=9)
+    assert seen == [(20, 12, 9), (7, 20, 7)]
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20))
+    with pytest.raises(ValueError, match=r"rank_budget=3 is given but the template 'btt\(\{m\}, \{n\}, ranks=2\)'"):
+        replace_linear(model, "btt({m}, {n}, ranks=2)", rank_budget=3)
+    with pytest.raises(ValueError, match=r"uses \{r\}: give rank_budget="):
+        replace_linear(model, "lowrank({m}, {n}, rank={r})")
+    with pytest.raises(ValueError, match=r"rank_budget must be None or an int >= 1, got 0"):
+        replace_linear(model, "lowrank({m}, {n}, rank={r})", rank_budget=0)
+    assert isinstance(model[0], torch.nn.Linear)  # every error left the model untouched
