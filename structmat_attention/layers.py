@@ -36,20 +36,18 @@ from .levels import Level, LevelFeatures, LevelSpec, attention_features, resolve
 
 __all__ = ["LevelSpec", "KVCache", "StructuredAttention"]
 
-#: The paper's constructors, which moved to :mod:`structmat_attention.variants`: still importable from here.
-_MOVED = (
-    "standard_attention",
-    "bilinear_btt_attention",
-    "bilinear_mlr_attention",
-    "mlr_attention",
-    "sliding_window_attention",
-    "gswa_attention",
-)
+
+def _moved() -> list[str]:
+    """The paper's constructors, which moved to :mod:`structmat_attention.variants` (imported lazily: variants
+    imports this module): still importable from here."""
+    from . import variants
+
+    return variants.__all__
 
 
 def __getattr__(name: str) -> Any:
-    """``structmat_attention.layers.standard_attention`` etc. (imported lazily: variants imports this module)."""
-    if name in _MOVED:
+    """``structmat_attention.layers.standard_attention`` etc."""
+    if not name.startswith("__") and name in _moved():
         from . import variants
 
         return getattr(variants, name)
@@ -57,7 +55,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_MOVED])
+    return sorted([*globals(), *_moved()])
 
 
 @final
