@@ -195,6 +195,7 @@ class NetNode(Node):
             if y is not None:
                 return y
         batch = x.shape[0]
+        plan = None
         # the common case of a dense matrix or a chain of them: F.linear calls, nothing else (never while tracing:
         # the batch may be symbolic, and looking it up would specialize the graph to it)
         if x.ndim == 2 and USE_ENGINE and not compiling:
@@ -213,7 +214,10 @@ class NetNode(Node):
         if x.ndim == 3 and self.heads is None:  # one operator for every head: fold the heads into the batch
             return self.apply(x.reshape(-1, self.n)).reshape(batch, x.shape[1], self.m)
         per_head = x.ndim == 3
-        plan, scale = _plan_of(self, batch, per_head)
+        if plan is None:
+            plan, scale = _plan_of(self, batch, per_head)
+        else:  # looked up above (not tracing, (B, n) input): the same plan
+            scale = self.network.scale
         operands = [x if len(self._in_shape) == 1 else x.reshape(*x.shape[:-1], *self._in_shape)]
         for fa in self.network.factors:
             t = fa.fetch()
