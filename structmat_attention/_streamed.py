@@ -6,7 +6,7 @@ the features and the saved log-sum-exp.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -25,6 +25,20 @@ def _level_rows(lv: Level, t_q: int, k0: int, k1: int, q_offset: int) -> tuple[i
     else:
         return 0, t_q
     return min(max(lo - q_offset, 0), t_q), min(max(hi - q_offset, 0), t_q)
+
+
+def _visible_tiles(
+    feats: list, t_q: int, t_k: int, kb: int, causal: bool, mask: torch.Tensor | None, q_offset: int, masked: bool
+) -> Iterator[tuple[int, int, int, int, torch.Tensor, list]]:
+    """``(k0, k1, r0, r1, scores, parts)`` of every key block of ``kb`` keys, for the query rows ``r0 .. r1`` that may
+    see it (skipped when none may): the tiles the forward and the backward both visit."""
+    levels = [f[0] for f in feats]
+    for k0 in range(0, t_k, kb):
+        k1 = min(k0 + kb, t_k)
+        r0, r1 = _tile_rows(levels, t_q, k0, k1, causal, q_offset, masked)
+        if r0 < r1:
+            s, parts = _block_scores(feats, (r0, r1), k0, k1, causal, mask, q_offset, masked)
+            yield k0, k1, r0, r1, s, parts
 
 
 def _tile_rows(levels: Sequence[Level], t_q: int, k0: int, k1: int, causal: bool, q_offset: int, masked: bool):
@@ -110,12 +124,7 @@ class _Streamed(torch.autograd.Function):
         running_max = qk[0].new_full((*lead, t_q, 1), float("-inf"), dtype=dtype)
         denom = qk[0].new_zeros(*lead, t_q, 1, dtype=dtype)
         acc = v.new_zeros(*out_lead, t_q, v.shape[-1], dtype=dtype)
-        for k0 in range(0, t_k, kb):
-            k1 = min(k0 + kb, t_k)
-            r0, r1 = _tile_rows(levels, t_q, k0, k1, causal, q_offset, masked)
-            if r0 >= r1:
-                continue
-            s, _ = _block_scores(feats, (r0, r1), k0, k1, causal, mask, q_offset, masked)
+        for k0, k1, r0, r1, s, _ in _visible_tiles(feats, t_q, t_k, kb, causal, mask, q_offset, masked):
             rm = running_max[..., r0:r1, :]
             new_max = torch.maximum(rm, s.amax(dim=-1, keepdim=True))
             safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
@@ -143,12 +152,7 @@ class _Streamed(torch.autograd.Function):
         delta = (dout * out).sum(-1, keepdim=True)
         live = torch.isfinite(lse)
         lse0 = torch.where(live, lse, torch.zeros_like(lse))
-        for k0 in range(0, t_k, kb):
-            k1 = min(k0 + kb, t_k)
-            r0, r1 = _tile_rows(levels, t_q, k0, k1, causal, q_offset, masked)
-            if r0 >= r1:
-                continue
-            s, parts = _block_scores(feats, (r0, r1), k0, k1, causal, mask, q_offset, masked)
+        for k0, k1, r0, r1, s, parts in _visible_tiles(feats, t_q, t_k, kb, causal, mask, q_offset, masked):
             p = torch.where(live[..., r0:r1, :], torch.exp(s - lse0[..., r0:r1, :]), torch.zeros_like(s))
             do = dout[..., r0:r1, :]
             dv[..., k0:k1, :] += torch.matmul(p.mT, do)
